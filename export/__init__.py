@@ -1,0 +1,1 @@
+"""lesionserve export package."""

@@ -1,0 +1,66 @@
+"""Prometheus metrics: every metric is a module-level constant named ``lesionserve_<noun>_<verb>_<unit>``.
+
+These names are a contract with ``deploy/`` (Grafana dashboard, alert rules): renaming one
+breaks operators' dashboards, so add new metrics rather than rename.
+Labels hold route templates (``/v1/classify``), never raw paths, and label values come from
+closed sets so the number of series stays bounded.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+
+class RejectReason(StrEnum):
+    """Why a request was refused before or instead of inference (``reason`` label)."""
+
+    QUEUE_FULL = "queue_full"
+    DEADLINE = "deadline"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_TYPE = "unsupported_type"
+    UNDECODABLE = "undecodable"
+    UNAUTHORIZED = "unauthorized"
+    NOT_READY = "not_ready"
+    SHUTTING_DOWN = "shutting_down"
+
+
+# Latency buckets: CPU inference of a ResNet-50 is ~50-500 ms, GPU ~2-20 ms; requests that
+# wait in a saturated queue go to seconds. Fine steps below 100 ms, coarse above.
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+# Queue waits are bounded by max_wait_ms (a few ms) unless the model is saturated.
+QUEUE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Batch sizes are small integers: one bucket per power of two up to the largest max_batch we allow.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+REQUESTS_TOTAL = Counter(
+    "lesionserve_requests_total", "HTTP requests answered, by route template, method and status", ["route", "method", "status"]
+)
+REQUEST_DURATION_SECONDS = Histogram(
+    "lesionserve_request_duration_seconds", "Wall time from request start to response", ["route"], buckets=LATENCY_BUCKETS
+)
+IN_FLIGHT_REQUESTS = Gauge("lesionserve_in_flight_requests", "HTTP requests being handled now")
+DECODE_DURATION_SECONDS = Histogram(
+    "lesionserve_decode_duration_seconds", "Image decode + crop + resize time", buckets=LATENCY_BUCKETS
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "lesionserve_queue_wait_seconds", "Time an image waited in the batcher queue before its batch ran", buckets=QUEUE_BUCKETS
+)
+INFERENCE_DURATION_SECONDS = Histogram(
+    "lesionserve_inference_duration_seconds", "ONNX Runtime run time per batch", buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram("lesionserve_batch_size", "Images per inference batch (before padding)", buckets=BATCH_BUCKETS)
+QUEUE_DEPTH = Gauge("lesionserve_queue_depth", "Images waiting in the batcher queue")
+QUEUE_CAPACITY = Gauge("lesionserve_queue_capacity", "Maximum images the batcher queue holds")
+REJECTIONS_TOTAL = Counter("lesionserve_rejections_total", "Requests refused, by reason", ["reason"])
+INFERENCE_ERRORS_TOTAL = Counter("lesionserve_inference_errors_total", "Inference batches that failed")
+PREDICTIONS_TOTAL = Counter("lesionserve_predictions_total", "Top-1 predictions, by class code", ["class_code"])
+MALIGNANCY_FLAGGED_TOTAL = Counter(
+    "lesionserve_malignancy_flagged_total", "Predictions whose malignancy score reached the threshold"
+)
+READY = Gauge("lesionserve_ready", "1 when the model is loaded and warmed up, else 0")
+MODEL_INFO = Info("lesionserve_model", "Loaded model: name, version, sha256 and the execution provider in use")
+
+for _reason in RejectReason:
+    REJECTIONS_TOTAL.labels(reason=_reason.value)  # export zeros up front so rate() works from the start

@@ -1,0 +1,1 @@
+"""lesionserve train package."""
