@@ -35,17 +35,24 @@ QUEUE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 REQUESTS_TOTAL = Counter(
-    "lesionserve_requests_total", "HTTP requests answered, by route template, method and status", ["route", "method", "status"]
+    "lesionserve_requests_total",
+    "HTTP requests answered, by route template, method and status",
+    ["route", "method", "status"],
 )
 REQUEST_DURATION_SECONDS = Histogram(
-    "lesionserve_request_duration_seconds", "Wall time from request start to response", ["route"], buckets=LATENCY_BUCKETS
+    "lesionserve_request_duration_seconds",
+    "Wall time from request start to response",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
 )
 IN_FLIGHT_REQUESTS = Gauge("lesionserve_in_flight_requests", "HTTP requests being handled now")
 DECODE_DURATION_SECONDS = Histogram(
     "lesionserve_decode_duration_seconds", "Image decode + crop + resize time", buckets=LATENCY_BUCKETS
 )
 QUEUE_WAIT_SECONDS = Histogram(
-    "lesionserve_queue_wait_seconds", "Time an image waited in the batcher queue before its batch ran", buckets=QUEUE_BUCKETS
+    "lesionserve_queue_wait_seconds",
+    "Time an image waited in the batcher queue before its batch ran",
+    buckets=QUEUE_BUCKETS,
 )
 INFERENCE_DURATION_SECONDS = Histogram(
     "lesionserve_inference_duration_seconds", "ONNX Runtime run time per batch", buckets=LATENCY_BUCKETS

@@ -7,12 +7,13 @@ different images give different probabilities.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from service.contract import ModelMetadata
 
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 HAM_NAMES = {
@@ -27,35 +28,27 @@ HAM_NAMES = {
 
 
 def contract_metadata(classes: list[str], size: int, **overrides: object) -> dict[str, str]:
-    """The ``lesionserve.*`` metadata of a model, JSON-encoded values."""
-    meta: dict[str, object] = {
-        "schema_version": 1,
+    """The ``lesionserve.*`` metadata of a test model, through the one schema definition."""
+    fields: dict[str, object] = {
         "classes": classes,
         "class_names": {c: HAM_NAMES.get(c, c) for c in classes},
         "malignant_classes": [c for c in ("mel", "bcc", "akiec") if c in classes],
-        "malignancy_threshold": 0.5,
         "input_size": size,
-        "preprocessing": {
-            "input": "uint8 RGB NHWC", "crop": "center_square", "resize": "cv2.INTER_AREA",
-            "scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        },
-        "tta": ["identity"],
-        "temperature": [1.0],
+        "preprocessing": {"input": "uint8 RGB NHWC", "crop": "center_square", "resize": "cv2.INTER_AREA"},
         "architecture": ["tiny-linear"],
         "name": "tiny-test-model",
         "version": "0.0.1",
         "training_data": {"name": "none (test fixture)", "license": "CC0", "citation": ""},
-        "metrics": {},
         "exported_at": "2026-01-01T00:00:00Z",
         "weights_sha256": "0" * 64,
-        "ensemble_size": 1,
     }
-    meta.update(overrides)
-    return {f"lesionserve.{k}": json.dumps(v) for k, v in meta.items()}
+    fields.update(overrides)
+    return ModelMetadata(**fields).to_props()  # type: ignore[arg-type]
 
 
-def make_tiny_onnx(path: Path, size: int = 32, classes: list[str] | None = None, seed: int = 0,
-                   metadata: dict[str, str] | None = None) -> Path:
+def make_tiny_onnx(
+    path: Path, size: int = 32, classes: list[str] | None = None, seed: int = 0, metadata: dict[str, str] | None = None
+) -> Path:
     """Write a contract-following model: uint8 [N,S,S,3] -> float32 probabilities [N,K]."""
     classes = classes or HAM_CLASSES
     rng = np.random.default_rng(seed)
@@ -69,7 +62,8 @@ def make_tiny_onnx(path: Path, size: int = 32, classes: list[str] | None = None,
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 3])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)])],
         initializer=[

@@ -240,5 +240,7 @@ def load_pretrained(model: ResNet, path: str | Path, log_fn: Callable[[str], Non
         )
     model.load_state_dict(src, strict=False)
     n_params = sum(v.numel() for v in src.values())
-    say(f"pretrained: loaded {len(src)} backbone tensors ({n_params / 1e6:.1f}M values) from {path}; head re-initialised")
+    say(
+        f"pretrained: loaded {len(src)} backbone tensors ({n_params / 1e6:.1f}M values) from {path}; head re-initialised"
+    )
     return sorted(src)

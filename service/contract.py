@@ -1,0 +1,125 @@
+"""The model contract's metadata schema: ``lesionserve.*`` keys of an ONNX file's ``metadata_props``.
+
+Pure standard library on purpose: ``export/`` writes these keys through :meth:`ModelMetadata.to_props`
+and ``service/`` reads them back through :meth:`ModelMetadata.from_props`, so there is one
+definition of the schema and the service needs neither ``export/`` nor PyTorch to read it.
+Every value is JSON. Reading from a file needs only ``onnxruntime``::
+
+    sess = onnxruntime.InferenceSession(path)
+    meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map)
+
+or only ``onnx``: ``{p.key: p.value for p in onnx.load(path).metadata_props}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PREFIX = "lesionserve."
+SCHEMA_VERSION = 1
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+TTA_VIEWS: dict[str, tuple[str, ...]] = {
+    "none": ("identity",),
+    "flips": ("identity", "hflip", "vflip", "rot180"),
+    "dihedral": ("identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"),
+}
+
+
+class MetadataError(ValueError):
+    """The file lacks or garbles the contract's metadata; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything the service needs to know about a model, read from the file itself.
+
+    Keys (all prefixed ``lesionserve.``, values JSON):
+        schema_version: int, this schema's version (1).
+        classes: ordered class codes; column j of ``probabilities`` is ``classes[j]``.
+        class_names: code -> display name.
+        malignant_classes: codes summed into the malignancy score (HAM10000: mel, bcc, akiec).
+        malignancy_threshold: operating point on the malignancy score chosen at export.
+        input_size: S of the uint8 ``image`` input ``[N, S, S, 3]``.
+        preprocessing: what the graph does and what the caller must do first (dict).
+        tta: the test-time-augmentation views averaged inside the graph.
+        temperature: one fitted temperature per ensemble member.
+        architecture: one architecture name per ensemble member.
+        name, version: the model's identity.
+        training_data: {"name", "license", "citation"}.
+        metrics: validation metrics (dict).
+        exported_at: ISO 8601 UTC time of export.
+        weights_sha256: sha256 of the exported weights.
+        ensemble_size: number of members averaged.
+    """
+
+    classes: list[str]
+    input_size: int
+    name: str
+    version: str
+    class_names: dict[str, str] = field(default_factory=dict)
+    malignant_classes: list[str] = field(default_factory=list)
+    malignancy_threshold: float = 0.5
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    tta: list[str] = field(default_factory=lambda: ["identity"])
+    temperature: list[float] = field(default_factory=lambda: [1.0])
+    architecture: list[str] = field(default_factory=list)
+    training_data: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    exported_at: str = ""
+    weights_sha256: str = ""
+    ensemble_size: int = 1
+    schema_version: int = SCHEMA_VERSION
+
+    REQUIRED = (
+        "schema_version", "classes", "class_names", "malignant_classes", "malignancy_threshold", "input_size",
+        "preprocessing", "tta", "temperature", "architecture", "name", "version", "training_data", "metrics",
+        "exported_at", "weights_sha256", "ensemble_size",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise MetadataError(f"classes must be a non-empty list of distinct codes, got {self.classes!r}")
+        unknown = [c for c in self.malignant_classes if c not in self.classes]
+        if unknown:
+            raise MetadataError(f"malignant_classes {unknown} are not among classes {self.classes}")
+        if not 0.0 <= self.malignancy_threshold <= 1.0:
+            raise MetadataError(f"malignancy_threshold must be in [0, 1], got {self.malignancy_threshold}")
+        if self.input_size < 8:
+            raise MetadataError(f"input_size must be >= 8, got {self.input_size}")
+        if any(t <= 0 for t in self.temperature):
+            raise MetadataError(f"temperatures must be > 0, got {self.temperature}")
+        if self.schema_version != SCHEMA_VERSION:
+            raise MetadataError(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+
+    def display_name(self, code: str) -> str:
+        return self.class_names.get(code, code)
+
+    def to_props(self) -> dict[str, str]:
+        """The ``metadata_props`` entries to write into the ONNX file."""
+        return {PREFIX + k: json.dumps(v, sort_keys=True) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str = "model") -> ModelMetadata:
+        """Parse and validate; a missing or malformed key raises :class:`MetadataError` naming it."""
+        missing = [k for k in cls.REQUIRED if PREFIX + k not in props]
+        if missing:
+            raise MetadataError(
+                f"{source} is not a lesionserve model: metadata_props lack "
+                + ", ".join(PREFIX + k for k in missing)
+                + " (export it with `python -m export`)"
+            )
+        values: dict[str, Any] = {}
+        for k in cls.REQUIRED:
+            try:
+                values[k] = json.loads(props[PREFIX + k])
+            except json.JSONDecodeError as exc:
+                raise MetadataError(f"{source}: {PREFIX}{k} is not valid JSON ({exc.msg})") from exc
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise MetadataError(f"{source}: malformed lesionserve metadata ({exc})") from exc
