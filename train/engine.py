@@ -1,0 +1,241 @@
+"""The training loop: optimiser, schedule, epochs over the RAM cache, checkpoints, resume.
+
+The decoded uint8 images live in one tensor (on the GPU when there is one); a batch is an
+index into it, augmented in one batched pass (``train/augment.py``). There is no DataLoader:
+nothing is decoded during training, so the loop runs at the model's own speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from train.augment import AugmentParams, augment, mix, model_input
+from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from train.config import TrainConfig
+from train.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """Cached images ``(N, S, S, 3)`` uint8 and labels ``(N,)`` int64 for one side of a split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_metrics: dict[str, Any]
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on BN and biases: decaying them only fights the normalisation.
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr)
+
+
+def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up then cosine decay to 1% of the base LR."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch: int, device: torch.device, cl: bool = False) -> np.ndarray:
+    """Float32 logits ``(N, K)`` for cached uint8 images, in eval mode without augmentation."""
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch):
+        xb = model_input(x[i : i + batch].to(device, non_blocking=True))
+        if cl:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            outs.append(model(xb).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def _epoch_indices(cfg: TrainConfig, y: torch.Tensor, gen: torch.Generator, d: Dist) -> torch.Tensor:
+    n = len(y)
+    if cfg.sampler == "balanced":
+        counts = torch.bincount(y).float()
+        w = (1.0 / counts.clamp(min=1))[y]
+        idx = torch.multinomial(w, n, replacement=True, generator=gen)
+    else:
+        idx = torch.randperm(n, generator=gen)
+    per_rank = n // d.world  # every rank takes the same number of steps (DDP all-reduce)
+    return idx[d.rank * per_rank : (d.rank + 1) * per_rank]
+
+
+def _score(metrics: dict[str, Any], monitor: str) -> float:
+    v = metrics[monitor]
+    return -float(v) if monitor == "val_loss" else float(v if v is not None else -math.inf)
+
+
+def fit(
+    cfg: TrainConfig,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: Split,
+    val: Split,
+    classes: list[str],
+    out: Path,
+    make_ckpt: Callable[[dict[str, torch.Tensor], int, dict[str, Any]], Checkpoint],
+    device: torch.device,
+    d: Dist | None = None,
+) -> FitResult:
+    """Train ``model``; writes ``out/best.pt`` (best monitored epoch) and ``out/last.pt`` (resume).
+
+    Args:
+        make_ckpt: ``(state, epoch, val_metrics) -> Checkpoint`` filling the run's metadata.
+        d: rank and world size under ``torchrun``; the model is then already DDP-wrapped.
+    """
+    d = d or Dist()
+    core = model.module if hasattr(model, "module") else model
+    cuda = device.type == "cuda"
+    cl = cuda and cfg.channels_last
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp and amp_dtype == torch.float16)
+    aug = AugmentParams(
+        **{k: getattr(cfg, k) for k in AugmentParams.__dataclass_fields__}  # same names as the config
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = max(1, (len(train.y) // d.world) // cfg.batch_size)  # drop the ragged last batch: BN needs > 1
+    opt = build_optimizer(cfg, model)
+    sched: Any = None
+    if cfg.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, cosine_warmup(cfg.epochs * steps, int(cfg.warmup_epochs * steps))
+        )
+    elif cfg.scheduler == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=cfg.plateau_patience)
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, bad, start = -math.inf, 0, 0, 0
+    best_metrics: dict[str, Any] = {}
+    last = out / "last.pt"
+    if cfg.resume and last.exists():
+        ck = load_checkpoint(last)
+        core.load_state_dict(ck.model_state)
+        opt.load_state_dict(ck.extra["optimizer_state"])
+        if sched is not None and "scheduler_state" in ck.extra:
+            sched.load_state_dict(ck.extra["scheduler_state"])
+        gen.set_state(ck.extra["rng_state"])
+        history = list(ck.extra.get("history", []))
+        best_score, best_epoch, bad = float(ck.extra["best_score"]), int(ck.extra["best_epoch"]), int(ck.extra["bad"])
+        best_metrics = dict(ck.extra.get("best_metrics", {}))
+        start = ck.epoch
+        log.info("resumed from %s at epoch %d (best %s=%.4f)", last, start, cfg.monitor, best_score)
+    xtr, ytr = train.x.to(device), train.y.to(device)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        t0, seen, total = time.perf_counter(), 0, 0.0
+        idx = _epoch_indices(cfg, train.y, gen, d)
+        bar = tqdm(
+            range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and d.main), leave=False
+        )
+        for s in bar:
+            bi = idx[s * cfg.batch_size : (s + 1) * cfg.batch_size].to(device)
+            xb, yb = xtr[bi], ytr[bi]
+            xb = augment(xb, aug, gen) if cfg.augment else model_input(xb)
+            xb, ya, yb2, lam = mix(xb, yb, aug, gen)
+            if cl:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and cfg.amp):
+                logits = model(xb)
+            loss = loss_fn(logits, ya) if lam == 1.0 else lam * loss_fn(logits, ya) + (1 - lam) * loss_fn(logits, yb2)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if cfg.scheduler == "cosine":
+                sched.step()
+            total += loss.item() * len(bi)
+            seen += len(bi)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        train_time = time.perf_counter() - t0
+        logits = predict_logits(core, val.x, max(cfg.batch_size, 128), device, cl)
+        metrics = compute_metrics(logits, val.y.numpy(), classes)
+        metrics["val_loss"] = metrics["nll"]
+        if cfg.scheduler == "plateau":
+            sched.step(_score(metrics, cfg.monitor))
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(seen, 1),
+            "val_loss": metrics["nll"],
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "accuracy": metrics["accuracy"],
+            "lr": opt.param_groups[0]["lr"],
+            "train_images_per_s": seen * d.world / train_time,
+        }
+        history.append(row)
+        score = _score(metrics, cfg.monitor)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, bad, best_metrics = score, epoch + 1, 0, metrics
+            if d.main:
+                save_checkpoint(make_ckpt(core.state_dict(), epoch + 1, metrics), out / "best.pt")
+        else:
+            bad += 1
+        log.info(
+            "epoch %d/%d train_loss %.4f val_loss %.4f bal_acc %.4f macro_f1 %.4f %.0f img/s%s",
+            epoch + 1, cfg.epochs, row["train_loss"], row["val_loss"], row["balanced_accuracy"],
+            row["macro_f1"], row["train_images_per_s"], " *" if improved else "",
+        )  # fmt: skip
+        if d.main:
+            ck = make_ckpt(core.state_dict(), epoch + 1, metrics)
+            ck.extra = {
+                "optimizer_state": opt.state_dict(),
+                "scheduler_state": sched.state_dict() if sched is not None else {},
+                "rng_state": gen.get_state(),
+                "history": history,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "bad": bad,
+                "best_metrics": best_metrics,
+            }
+            save_checkpoint(ck, last)
+        if cfg.patience and bad >= cfg.patience:
+            log.info("early stop: %s did not improve for %d epochs (best epoch %d)", cfg.monitor, bad, best_epoch)
+            break
+    if d.world > 1:
+        dist.barrier()
+    best = load_checkpoint(out / "best.pt")
+    return FitResult(best.model_state, best_metrics, best_epoch, history)
