@@ -236,9 +236,9 @@ def _check_pixel_data_framing(data: bytes, offset: int) -> None:
 def _decode_first_frame(data: bytes, ts: UID, *, rows: int, cols: int) -> np.ndarray:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        # as_rgb=True: pydicom converts YBR to RGB, and knows when a JPEG decoder has already done so
-        # (baseline JPEG with YBR_FULL_422 comes back from Pillow/libjpeg as RGB).
-        arr, meta = get_decoder(ts).as_array(ds, index=0, as_rgb=True)
+        # as_rgb (True by default) converts YBR to RGB, and pydicom knows when a JPEG decoder has already
+        # done so (baseline JPEG with YBR_FULL_422 comes back from Pillow/libjpeg as RGB): no double conversion.
+        arr, meta = get_decoder(ts).as_array(ds, index=0)
     except Exception as exc:  # corrupt codestreams raise decoder-specific errors
         logger.info("DICOM pixel decode failed: %s (%s)", type(exc).__name__, ts.name)
         raise InvalidImage(f"DICOM pixel data could not be decoded ({ts.name})") from exc

@@ -96,3 +96,67 @@ class InferenceFailed(ServiceError):
     """The model run for this request's batch failed; the service itself keeps serving."""
 
     status, slug, title = 500, "inference-failed", "Inference failed"
+
+
+# --- the one mapping to HTTP ------------------------------------------------------------------
+# Imported late so that the error classes above stay usable without a web framework.
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+# Framework-raised statuses (unknown route, wrong method) get problem bodies too.
+_HTTP_PROBLEMS = {404: ("not-found", "Not found"), 405: ("method-not-allowed", "Method not allowed")}
+
+
+def problem_body(
+    status: int, slug: str, title: str, detail: str, instance: str | None = None, request_id: str | None = None
+) -> dict[str, object]:
+    body: dict[str, object] = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
+    if instance:
+        body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def problem_response(err: ServiceError, request: Request) -> JSONResponse:
+    """The RFC 9457 response for ``err``; counts a rejection when the error has a reason."""
+    from service.metrics import REJECTIONS_TOTAL  # local: metrics registers collectors on import
+
+    if err.reason is not None:
+        REJECTIONS_TOTAL.labels(reason=err.reason).inc()
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse(
+        err.problem(instance=request.url.path, request_id=request_id),
+        status_code=err.status,
+        headers=err.headers,
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error raised inside a route through :func:`problem_response`.
+
+    Unexpected exceptions are turned into a 500 by the request middleware
+    (:mod:`service.middleware`), which logs them once.
+    """
+
+    async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return problem_response(exc, request)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(BadRequest("the request is malformed: check the field names and types"), request)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        slug, title = _HTTP_PROBLEMS.get(exc.status_code, ("http-error", "HTTP error"))
+        body = problem_body(
+            exc.status_code, slug, title, str(exc.detail), request.url.path, getattr(request.state, "request_id", None)
+        )
+        return JSONResponse(body, exc.status_code, headers=dict(exc.headers or {}), media_type=PROBLEM_CONTENT_TYPE)
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)

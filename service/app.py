@@ -1,0 +1,67 @@
+"""The application factory: settings and model in, a FastAPI app out (nothing happens at import)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.inference import InferenceModel, OnnxModel
+from service.middleware import RequestContextMiddleware
+from service.routes import router
+from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: Settings) -> OnnxModel:
+    """Open the model with the settings' providers and thread counts (raises ModelLoadError)."""
+    # The provider decides the thread default; ask ORT which provider wins before choosing.
+    import onnxruntime as ort
+
+    from service.inference import choose_providers
+
+    first = choose_providers(settings.provider_list, ort.get_available_providers())[0]
+    return OnnxModel.load(
+        settings.model_path,
+        settings.provider_list,
+        intra_op_threads=settings.resolved_intra_op_threads(first),
+        cuda_mem_limit_mb=settings.cuda_mem_limit_mb,
+    )
+
+
+def create_app(settings: Settings | None = None, model: InferenceModel | None = None) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: validated settings (default: read from ``LESIONSERVE_*`` now).
+        model: a loaded model (default: load ``settings.model_path``); tests pass a fake.
+
+    Raises:
+        pydantic.ValidationError: bad settings.
+        service.inference.ModelLoadError: the model cannot be served.
+    """
+    settings = settings or Settings()  # model_path comes from the env
+    runtime = Runtime(settings, model or load_model(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        yield
+        runtime.close()
+
+    app = FastAPI(
+        title="lesionserve",
+        summary="Dermoscopic skin-lesion classification (decision support; not a diagnosis).",
+        version=runtime.meta.version,
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    return app

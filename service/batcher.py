@@ -1,0 +1,235 @@
+"""Dynamic batching: many concurrent ``submit(image)`` calls become few model runs.
+
+One worker thread owns the model. It takes the first waiting image, then gathers more until
+``max_batch`` or ``max_wait`` after the first, runs them as one batch and hands each caller
+its own row. The queue is bounded (full -> :class:`~service.errors.Overloaded`), requests whose
+deadline passed are dropped before inference, and a failing run is retried image by image so
+that one bad input fails only its own request, never its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from service import metrics
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # (K,) float32
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass
+class Pending:
+    image: np.ndarray
+    deadline: float  # time.monotonic() after which the answer is useless
+    future: Future[Prediction] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def collect_batch(
+    q: queue.Queue[T],
+    max_batch: int,
+    max_wait_s: float,
+    first_timeout: float | None = None,
+    more_coming: Callable[[], bool] = lambda: True,
+) -> list[T]:
+    """Take one batch from ``q``: a pure function of the queue, so it is tested with a plain one.
+
+    Args:
+        q: the queue.
+        max_batch: the most items returned.
+        max_wait_s: after the first item, how long to wait for more.
+        first_timeout: how long to block for the first item (None: forever).
+        more_coming: whether an item is on its way (e.g. being decoded); when it says no and
+            the queue is empty, the batch runs at once instead of idling for ``max_wait_s``,
+            so a lone request pays no batching latency.
+
+    Returns:
+        Between 1 and ``max_batch`` items, or ``[]`` if none came within ``first_timeout``.
+    """
+    try:
+        batch = [q.get(timeout=first_timeout)]
+    except queue.Empty:
+        return []
+    until = time.monotonic() + max_wait_s
+    while len(batch) < max_batch:
+        try:
+            batch.append(q.get_nowait())
+            continue
+        except queue.Empty:
+            pass
+        remaining = until - time.monotonic()
+        if remaining <= 0 or not more_coming():
+            break
+        try:
+            batch.append(q.get(timeout=min(remaining, 0.001)))
+        except queue.Empty:
+            continue  # re-check more_coming: the image being decoded may have failed
+    return batch
+
+
+def batch_sizes(max_batch: int, pad: bool) -> list[int]:
+    """Every batch shape the batcher can run: all sizes, or powers of two (+ max) when padding."""
+    if not pad:
+        return list(range(1, max_batch + 1))
+    sizes = [2**i for i in range(int(math.log2(max_batch)) + 1)]
+    return sorted({*sizes, max_batch})
+
+
+class Batcher:
+    """``submit(image) -> Future[Prediction]`` in front of a model's ``run(batch) -> probabilities``.
+
+    Args:
+        run: the model call, ``uint8 [N, S, S, 3] -> float32 [N, K]``; called from one thread.
+        input_shape: ``(S, S, 3)``; other arrays are refused at submit.
+        max_batch: images per run at most.
+        max_wait_s: how long a batch waits to fill.
+        queue_size: images waiting at most; more -> Overloaded (503).
+        pad: pad batches with zeros to the next size of :func:`batch_sizes` (fixed shapes on CUDA).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        input_shape: tuple[int, int, int],
+        max_batch: int = 8,
+        max_wait_s: float = 0.005,
+        queue_size: int = 64,
+        pad: bool = False,
+    ) -> None:
+        self._run = run
+        self.input_shape = input_shape
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.sizes = batch_sizes(max_batch, pad)
+        self.pad = pad
+        self._queue: queue.Queue[Pending] = queue.Queue(maxsize=queue_size)
+        self._incoming = 0  # requests admitted and still decoding: worth waiting for
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lesionserve-batcher", daemon=True)
+        metrics.QUEUE_CAPACITY.set(queue_size)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def warm_up(self) -> list[int]:
+        """Run every batch shape once (first runs allocate and tune); returns the sizes run."""
+        for n in self.sizes:
+            self._run(np.zeros((n, *self.input_shape), dtype=np.uint8))
+        return self.sizes
+
+    def expect(self, delta: int) -> None:
+        """Announce (+1) or retract (-1) an image that is being decoded."""
+        with self._lock:
+            self._incoming += delta
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, image: np.ndarray, deadline: float) -> Future[Prediction]:
+        """Queue one image; the future resolves to its :class:`Prediction` or a ServiceError.
+
+        Raises:
+            ValueError: the array is not ``uint8`` of ``input_shape`` (fails this request only).
+            Overloaded: the queue is full.
+        """
+        if image.dtype != np.uint8 or image.shape != self.input_shape:
+            raise ValueError(f"expected uint8 {self.input_shape}, got {image.dtype} {image.shape}")
+        item = Pending(image, deadline)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            raise Overloaded("the inference queue is full; retry shortly", headers={"Retry-After": "1"}) from None
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        return item.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the worker."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _more_coming(self) -> bool:
+        return self._incoming > 0
+
+    def _loop(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            batch = collect_batch(self._queue, self.max_batch, self.max_wait_s, 0.05, self._more_coming)
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
+            if batch:
+                self._process(batch)
+
+    def _process(self, batch: list[Pending]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # the caller gave up (timeout or disconnect)
+            if now > item.deadline:
+                item.future.set_exception(DeadlineExceeded("the request deadline passed while it was queued"))
+                continue
+            live.append(item)
+        if not live:
+            return
+        for item in live:
+            metrics.QUEUE_WAIT_SECONDS.observe(now - item.enqueued)
+        try:
+            probs, took = self._timed_run([item.image for item in live])
+        except Exception:
+            if len(live) == 1:
+                log.exception("inference failed")
+                live[0].future.set_exception(InferenceFailed("inference failed for this image"))
+                return
+            log.warning("batch of %d failed; retrying image by image", len(live))
+            for item in live:
+                self._process_one(item, now)
+            return
+        for row, item in zip(probs, live, strict=True):
+            item.future.set_result(Prediction(row, now - item.enqueued, took, len(live)))
+
+    def _process_one(self, item: Pending, started: float) -> None:
+        try:
+            probs, took = self._timed_run([item.image])
+        except Exception:
+            log.exception("inference failed")
+            item.future.set_exception(InferenceFailed("inference failed for this image"))
+            return
+        item.future.set_result(Prediction(probs[0], started - item.enqueued, took, 1))
+
+    def _timed_run(self, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        n = len(images)
+        size = next(s for s in self.sizes if s >= n) if self.pad else n
+        batch = np.zeros((size, *self.input_shape), dtype=np.uint8)
+        batch[:n] = np.stack(images)
+        start = time.perf_counter()
+        try:
+            probs = self._run(batch)
+        except Exception:
+            metrics.INFERENCE_ERRORS_TOTAL.inc()
+            raise
+        took = time.perf_counter() - start
+        if probs.ndim != 2 or probs.shape[0] != size:
+            metrics.INFERENCE_ERRORS_TOTAL.inc()
+            raise RuntimeError(f"model returned shape {probs.shape} for a batch of {size}")
+        metrics.INFERENCE_DURATION_SECONDS.observe(took)
+        metrics.BATCH_SIZE.observe(n)
+        return probs[:n], took

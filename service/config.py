@@ -1,0 +1,147 @@
+"""The one configuration object of the service: environment variables prefixed ``LESIONSERVE_``.
+
+Built in :func:`service.app.create_app` (or the entry point), never at import time, and
+validated there: a bad value stops the process at start with a one-line message instead of
+failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def parse_api_keys(text: str, source: str) -> dict[str, str]:
+    """Parse ``id:key`` entries separated by commas or newlines (``#`` starts a comment line).
+
+    Args:
+        text: the entries.
+        source: where they came from, for error messages (never echoes a key).
+
+    Returns:
+        key id -> key.
+    """
+    keys: dict[str, str] = {}
+    entries = [e for line in text.splitlines() if not line.strip().startswith("#") for e in _split(line)]
+    for n, entry in enumerate(entries, 1):
+        key_id, sep, key = entry.partition(":")
+        key_id, key = key_id.strip(), key.strip()
+        if not sep or not key_id or not key:
+            raise ValueError(f"{source}: entry {n} is not of the form id:key")
+        if len(key) < 16:
+            raise ValueError(f"{source}: key {key_id!r} is shorter than 16 characters")
+        if key_id in keys:
+            raise ValueError(f"{source}: key id {key_id!r} appears twice")
+        keys[key_id] = key
+    return keys
+
+
+class Settings(BaseSettings):
+    """Service settings; each field is the env variable ``LESIONSERVE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LESIONSERVE_", case_sensitive=False, extra="ignore")
+
+    model_path: Path = Field(description="The exported .onnx file (with lesionserve metadata).")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    providers: str = Field(DEFAULT_PROVIDERS, description="ONNX Runtime providers in order of preference.")
+    max_batch_size: int = Field(8, ge=1, le=64)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="How long a batch waits to fill.")
+    queue_size: int = Field(64, ge=1, le=100_000, description="Images waiting for inference; full -> 503.")
+    request_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="Per-request deadline -> 504.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Whole request body, in bytes.")
+    max_pixels: int = Field(50_000_000, ge=64, description="Width x height read from the image header.")
+    intra_op_threads: int = Field(0, ge=0, le=256, description="0: all cores on CPU, 1 on CUDA.")
+    decode_threads: int = Field(0, ge=0, le=64, description="0: min(4, cores).")
+    api_keys: str = Field("", description="Comma list of id:key; empty with no file = auth off.")
+    api_keys_file: Path | None = None
+    metrics_auth: bool = False
+    shutdown_grace_s: float = Field(20.0, ge=0.0, le=3600.0)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    pad_batches: Literal["auto", "on", "off"] = "auto"
+    cuda_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit; 0 = no limit.")
+    malignancy_threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the model's.")
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_exists(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"model file {v} does not exist")
+        return v
+
+    @field_validator("providers")
+    @classmethod
+    def _providers_listed(cls, v: str) -> str:
+        if not _split(v):
+            raise ValueError("at least one execution provider is needed")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        if v.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        return v.upper()
+
+    @model_validator(mode="after")
+    def _keys_parse(self) -> Settings:
+        self.key_table()  # refuse malformed keys at start, not on the first request
+        return self
+
+    @property
+    def provider_list(self) -> list[str]:
+        return _split(self.providers)
+
+    def key_table(self) -> dict[str, str]:
+        """API keys from ``API_KEYS`` and ``API_KEYS_FILE`` merged; empty means auth is off."""
+        keys = parse_api_keys(self.api_keys, "LESIONSERVE_API_KEYS")
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
+            for key_id, key in parse_api_keys(text, str(self.api_keys_file)).items():
+                if key_id in keys:
+                    raise ValueError(f"key id {key_id!r} is in both LESIONSERVE_API_KEYS and the keys file")
+                keys[key_id] = key
+        return keys
+
+    def resolved_decode_threads(self) -> int:
+        return self.decode_threads or min(4, os.cpu_count() or 1)
+
+    def resolved_intra_op_threads(self, provider: str) -> int:
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        # On CUDA the CPU threads only feed the GPU; on CPU they are the compute.
+        return 1 if provider == "CUDAExecutionProvider" else (os.cpu_count() or 1)
+
+    def pad_enabled(self, provider: str) -> bool:
+        # Padding to a few fixed batch shapes saves per-shape cuDNN tuning on CUDA; on CPU it
+        # only adds wasted rows, so "auto" pads on CUDA alone.
+        return self.pad_batches == "on" or (self.pad_batches == "auto" and provider == "CUDAExecutionProvider")
+
+
+def describe_validation_error(exc: Exception) -> str:
+    """One line for a settings error: ``LESIONSERVE_FIELD: message; ...`` (no traceback)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    parts = []
+    for err in errors():
+        loc = "_".join(str(p) for p in err.get("loc", ()))
+        name = f"LESIONSERVE_{loc.upper()}" if loc else "settings"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{name}: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,133 @@
+"""Media types in and out: the one place that picks a decoder by ``Content-Type`` and a
+renderer by ``Accept``.
+
+New formats plug in with :func:`register_decoder` (e.g. ``application/dicom``) and
+:func:`register_renderer` (e.g. ``application/fhir+json``); the routes do not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from service.imaging import DecodedImage, decode_image
+from service.schemas import ClassifyResponse
+
+# bytes, model input side S, max pixels -> model-ready image. Runs in the decode thread pool.
+Decoder = Callable[[bytes, int, int], DecodedImage]
+Renderer = Callable[[ClassifyResponse], Response]
+
+MULTIPART = "multipart/form-data"
+IMAGE_FIELD = "image"
+# Multipart parts often come labelled generically; their bytes are sniffed by the image decoder.
+_GENERIC = ("application/octet-stream", "")
+
+DECODERS: dict[str, Decoder] = {"image/jpeg": decode_image, "image/png": decode_image}
+RENDERERS: dict[str, Renderer] = {"application/json": lambda answer: JSONResponse(answer.model_dump(mode="json"))}
+DEFAULT_RENDERER = "application/json"
+
+
+def register_decoder(media_type: str, decoder: Decoder) -> None:
+    DECODERS[media_type.lower()] = decoder
+
+
+def register_renderer(media_type: str, renderer: Renderer) -> None:
+    RENDERERS[media_type.lower()] = renderer
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes while streaming."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_image(headers: Headers, body: bytes) -> tuple[str, bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=10).parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.message}") from None
+    part = form.get(IMAGE_FIELD)
+    if not isinstance(part, UploadFile):
+        raise BadRequest(f"multipart body has no file field {IMAGE_FIELD!r}")
+    data = await part.read()
+    part_type = _media_type(part.content_type)
+    return ("image/jpeg" if part_type in _GENERIC else part_type), data
+
+
+async def pick_decoder(headers: Headers, body: bytes) -> tuple[Decoder, bytes]:
+    """The decoder for this request and the bytes it decodes (multipart unwrapped).
+
+    Raises:
+        UnsupportedMediaType: no decoder for the (part's) content type (415).
+        BadRequest: a multipart body without an ``image`` file (400).
+    """
+    media_type = _media_type(headers.get("content-type"))
+    if media_type == MULTIPART:
+        media_type, body = await _multipart_image(headers, body)
+    decoder = DECODERS.get(media_type)
+    if decoder is None:
+        accepted = ", ".join(sorted([*DECODERS, MULTIPART]))
+        raise UnsupportedMediaType(f"content type {media_type or '(none)'!r} is not supported; send one of {accepted}")
+    return decoder, body
+
+
+@dataclass(frozen=True)
+class _Offer:
+    media_type: str
+    q: float
+
+
+def _offers(accept: str) -> list[_Offer]:
+    offers = []
+    for part in accept.split(","):
+        media_type, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media_type:
+            offers.append(_Offer(media_type.lower(), q))
+    return sorted(offers, key=lambda o: -o.q)
+
+
+def pick_renderer(accept: str | None) -> Renderer:
+    """The renderer for an ``Accept`` header (none or ``*/*``: JSON).
+
+    Raises:
+        NotAcceptable: nothing the client accepts can be produced (406).
+    """
+    if not accept or not accept.strip():
+        return RENDERERS[DEFAULT_RENDERER]
+    for offer in _offers(accept):
+        if offer.q <= 0:
+            continue
+        if offer.media_type in RENDERERS:
+            return RENDERERS[offer.media_type]
+        if offer.media_type in ("*/*", "application/*"):
+            return RENDERERS[DEFAULT_RENDERER]
+    raise NotAcceptable(f"cannot answer in {accept!r}; available: {', '.join(sorted(RENDERERS))}")

@@ -1,0 +1,96 @@
+"""Per-request bookkeeping as plain ASGI middleware: request id, metrics, access log, last-resort 500.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so that it adds no task per request and streams bodies
+through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.errors import PROBLEM_CONTENT_TYPE, problem_body
+
+log = logging.getLogger("service.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+# A caller's id is echoed and logged, so only a short, plain token is accepted.
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNMATCHED = "unmatched"
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER.encode():
+            candidate = value.decode("latin-1")
+            if _VALID_ID.match(candidate):
+                return candidate
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Sets ``request.state.request_id``, echoes ``X-Request-ID``, records metrics and one log line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = request_id_from(scope["headers"])
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        metrics.IN_FLIGHT_REQUESTS.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # A real fault: logged once with its traceback; the caller sees no internals.
+            log.exception("unhandled error", extra={"request_id": request_id})
+            if not started:
+                await self._internal_error(scope, send_wrapper, request_id)
+        finally:
+            metrics.IN_FLIGHT_REQUESTS.dec()
+            route = getattr(scope.get("route"), "path", UNMATCHED)
+            elapsed = time.perf_counter() - start
+            metrics.REQUESTS_TOTAL.labels(route=route, method=scope["method"], status=str(status)).inc()
+            metrics.REQUEST_DURATION_SECONDS.labels(route=route).observe(elapsed)
+            state = scope.get("state", {})
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "key_id": state.get("key_id"),
+                },
+            )
+
+    @staticmethod
+    async def _internal_error(scope: Scope, send: Send, request_id: str) -> None:
+        body = problem_body(500, "internal", "Internal server error", "an internal error occurred; it has been logged",
+                            scope.get("path"), request_id)  # fmt: skip
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})

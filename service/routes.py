@@ -1,0 +1,159 @@
+"""HTTP routes: thin; the work is in :mod:`service.runtime`, :mod:`service.media` and the batcher."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import metrics
+from service.batcher import Prediction
+from service.errors import PROBLEM_CONTENT_TYPE
+from service.imaging import DecodedImage
+from service.media import pick_decoder, pick_renderer, read_body
+from service.runtime import Runtime
+from service.schemas import (
+    ClassifyResponse,
+    Health,
+    ImageInfo,
+    ModelInfo,
+    ModelRef,
+    ModelsResponse,
+    Timing,
+    malignancy,
+    rank,
+)
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def require_key(request: Request, rt: RuntimeDep) -> None:
+    request.state.key_id = rt.keys.identify(request.headers.get("authorization"))
+
+
+def require_metrics_key(request: Request, rt: RuntimeDep) -> None:
+    if rt.settings.metrics_auth:
+        require_key(request, rt)
+
+
+_PROBLEM: dict[str, Any] = {"content": {PROBLEM_CONTENT_TYPE: {}}}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_CLASSIFY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/jpeg": _BINARY,
+            "image/png": _BINARY,
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"image": _BINARY["schema"]}, "required": ["image"]}
+            },
+        },
+    }
+}
+
+_CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": desc, **_PROBLEM}
+    for code, desc in [
+        (400, "Undecodable image or malformed body"),
+        (401, "Missing or invalid API key"),
+        (406, "No acceptable response format"),
+        (413, "Too many bytes or pixels"),
+        (415, "Unsupported content type"),
+        (503, "Overloaded, warming up or shutting down (see Retry-After)"),
+        (504, "Deadline passed"),
+    ]
+}
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    dependencies=[Depends(require_key)],
+    openapi_extra=_CLASSIFY_BODY,
+    responses=_CLASSIFY_ERRORS,
+)
+async def classify(request: Request, rt: RuntimeDep) -> Response:
+    """Classify one dermoscopic image: multipart field ``image`` or a raw JPEG/PNG body."""
+    start = time.perf_counter()
+    render = pick_renderer(request.headers.get("accept"))  # 406 before any work is done
+    async with rt.work() as deadline:
+        body = await read_body(request, rt.settings.max_upload_bytes)
+        decoder, data = await pick_decoder(request.headers, body)
+        decoded = await rt.decode(decoder, data)
+        prediction = await rt.predict(decoded, deadline)
+    answer = build_answer(rt, request.state.request_id, decoded, prediction, time.perf_counter() - start)
+    metrics.PREDICTIONS_TOTAL.labels(class_code=answer.top.code).inc()
+    if answer.malignancy.above_threshold:
+        metrics.MALIGNANCY_FLAGGED_TOTAL.inc()
+    return render(answer)
+
+
+def build_answer(
+    rt: Runtime, request_id: str, decoded: DecodedImage, prediction: Prediction, total_s: float
+) -> ClassifyResponse:
+    """The typed answer every renderer (JSON, FHIR) starts from."""
+    ranked = rank(rt.meta, prediction.probabilities)
+    return ClassifyResponse(
+        request_id=request_id,
+        model=ModelRef(name=rt.meta.name, version=rt.meta.version, sha256=rt.model.sha256),
+        predictions=ranked,
+        top=ranked[0],
+        malignancy=malignancy(rt.meta, prediction.probabilities, rt.threshold),
+        image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
+        timing_ms=Timing(
+            decode=round(decoded.decode_s * 1000, 3),
+            queue=round(prediction.queue_s * 1000, 3),
+            inference=round(prediction.inference_s * 1000, 3),
+            total=round(total_s * 1000, 3),
+        ),
+        batch_size=prediction.batch_size,
+    )
+
+
+@router.get("/v1/models", response_model=ModelsResponse, dependencies=[Depends(require_key)])
+async def models(rt: RuntimeDep) -> ModelsResponse:
+    """What is loaded: classes, input size, TTA, validation metrics and the provider in use."""
+    m = rt.meta
+    info = ModelInfo(
+        name=m.name, version=m.version, sha256=rt.model.sha256, provider=rt.model.provider, classes=m.classes,
+        class_names={c: m.display_name(c) for c in m.classes}, malignant_classes=m.malignant_classes,
+        malignancy_threshold=rt.threshold, input_size=m.input_size, tta=m.tta, architecture=m.architecture,
+        ensemble_size=m.ensemble_size, temperature=m.temperature, metrics=m.metrics, training_data=m.training_data,
+        exported_at=m.exported_at, batch_sizes=rt.batcher.sizes, max_batch_size=rt.batcher.max_batch,
+        max_wait_ms=rt.settings.max_wait_ms,
+    )  # fmt: skip
+    return ModelsResponse(models=[info])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Alive: the process answers (says nothing about the model)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"description": "Warming up or draining"}})
+async def readyz(rt: RuntimeDep, response: Response) -> Health:
+    """Ready: the model is loaded and warmed up, and the process is not draining."""
+    if rt.draining:
+        response.status_code = 503
+        return Health(status="draining")
+    if not rt.ready.is_set():
+        response.status_code = 503
+        return Health(status="warm-up failed" if rt.warm_up_error else "warming up")
+    return Health(status="ready")
+
+
+@router.get("/metrics", dependencies=[Depends(require_metrics_key)], include_in_schema=False)
+async def prometheus_metrics(rt: RuntimeDep) -> Response:
+    metrics.QUEUE_DEPTH.set(rt.batcher.depth())
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,151 @@
+"""What one serving process holds: settings, model, batcher, decode pool, readiness and drain.
+
+Routes get it through a dependency and call three things: :meth:`Runtime.work` (admission and
+in-flight accounting), :meth:`Runtime.decode` and :meth:`Runtime.predict`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import cv2
+
+from service import metrics
+from service.auth import ApiKeys
+from service.batcher import Batcher, Prediction
+from service.config import Settings
+from service.errors import DeadlineExceeded, ModelNotReady, ShuttingDown
+from service.imaging import DecodedImage
+from service.inference import InferenceModel
+from service.media import Decoder
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The serving state of one process.
+
+    Args:
+        settings: validated settings.
+        model: the loaded model (an :class:`~service.inference.OnnxModel`, or a fake in tests).
+    """
+
+    def __init__(self, settings: Settings, model: InferenceModel) -> None:
+        self.settings = settings
+        self.model = model
+        self.meta = model.metadata
+        self.size = model.metadata.input_size
+        self.threshold = (
+            settings.malignancy_threshold
+            if settings.malignancy_threshold is not None
+            else model.metadata.malignancy_threshold
+        )
+        self.keys = ApiKeys(settings.key_table())
+        self.batcher = Batcher(
+            model.run,
+            (self.size, self.size, 3),
+            max_batch=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            queue_size=settings.queue_size,
+            pad=settings.pad_enabled(model.provider),
+        )
+        self._pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="lesionserve-decode")
+        self.ready = threading.Event()
+        self.draining = False
+        self.in_flight = 0
+        self.warm_up_error: str | None = None
+        metrics.MODEL_INFO.info(
+            {"name": self.meta.name, "version": self.meta.version, "sha256": model.sha256, "provider": model.provider}
+        )
+
+    def start(self) -> threading.Thread:
+        """Warm up in the background (``/readyz`` stays 503 meanwhile), then start the batcher."""
+        # Each decode thread does one image; OpenCV's own pool would oversubscribe the cores.
+        cv2.setNumThreads(1)
+        thread = threading.Thread(target=self._warm_up, name="lesionserve-warmup", daemon=True)
+        thread.start()
+        return thread
+
+    def _warm_up(self) -> None:
+        start = time.perf_counter()
+        try:
+            sizes = self.batcher.warm_up()
+        except Exception as exc:
+            self.warm_up_error = f"{type(exc).__name__}"
+            log.exception("warm-up failed; the service stays not ready")
+            return
+        self.batcher.start()
+        self.ready.set()
+        metrics.READY.set(1)
+        log.info("warmed up", extra={"batch_sizes": sizes, "seconds": round(time.perf_counter() - start, 3)})
+
+    def begin_drain(self) -> None:
+        """Stop taking new work: ``/readyz`` and new classify requests answer 503."""
+        self.draining = True
+        metrics.READY.set(0)
+        log.info("draining: refusing new work", extra={"in_flight": self.in_flight, "queued": self.batcher.depth()})
+
+    def idle(self) -> bool:
+        return self.in_flight == 0 and self.batcher.depth() == 0
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block (in a non-loop thread) until no request is in flight, or ``timeout`` passes."""
+        until = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() > until:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self) -> None:
+        self.batcher.close(timeout=self.settings.shutdown_grace_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        metrics.READY.set(0)
+
+    @asynccontextmanager
+    async def work(self) -> AsyncIterator[float]:
+        """Admit one classify request; yields its deadline (``time.monotonic()`` based).
+
+        Raises:
+            ShuttingDown: draining (503, the client retries on another replica).
+            ModelNotReady: still warming up (503).
+        """
+        if self.draining:
+            raise ShuttingDown(
+                "this replica is shutting down; retry", headers={"Retry-After": "1", "Connection": "close"}
+            )
+        if not self.ready.is_set():
+            raise ModelNotReady("the model is warming up; retry shortly", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            yield time.monotonic() + self.settings.request_timeout_s
+        finally:
+            self.in_flight -= 1
+
+    async def decode(self, decoder: Decoder, data: bytes) -> DecodedImage:
+        """Decode in the pool; the batcher is told an image is coming so it may wait for it."""
+        self.batcher.expect(+1)
+        try:
+            loop = asyncio.get_running_loop()
+            decoded = await loop.run_in_executor(self._pool, decoder, data, self.size, self.settings.max_pixels)
+        finally:
+            self.batcher.expect(-1)
+        metrics.DECODE_DURATION_SECONDS.observe(decoded.decode_s)
+        return decoded
+
+    async def predict(self, decoded: DecodedImage, deadline: float) -> Prediction:
+        """Queue for batched inference and wait, at most until ``deadline``."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request deadline passed before inference")
+        future = self.batcher.submit(decoded.pixels, deadline)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {self.settings.request_timeout_s:g} s") from None
