@@ -1,0 +1,103 @@
+"""The model card ``NAME.md``, rendered from the same metadata that is written into the ONNX file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from export.parity import Check
+from service.contract import INPUT_NAME, OUTPUT_NAME, PREFIX, ModelMetadata
+
+
+def _metrics_lines(metrics: dict[str, Any]) -> list[str]:
+    if not metrics:
+        return ["No validation metrics were stored in the checkpoint(s)."]
+    if "members" in metrics:
+        lines = [
+            "Ensemble: the ensemble itself was not evaluated at export. Mean of the members' validation metrics"
+            " (a guide, not the ensemble's score):",
+            "",
+        ]
+        lines += [f"- `{k}`: {v:.4f}" for k, v in metrics.get("mean_of_members", {}).items()]
+        lines += ["", "Per member:", ""]
+        lines += [f"{i + 1}. `{json.dumps(m, sort_keys=True)}`" for i, m in enumerate(metrics["members"])]
+        return lines
+    return [f"- `{k}`: {v:.4f}" if isinstance(v, float) else f"- `{k}`: `{json.dumps(v)}`" for k, v in metrics.items()]
+
+
+def render_card(meta: ModelMetadata, checks: Sequence[Check], *, file_name: str, size_bytes: int, opset: int) -> str:
+    """Markdown model card.
+
+    Args:
+        meta: the file's metadata (the one source of the facts below).
+        checks: the verification checks that passed at export.
+        file_name: the ``.onnx`` file's name.
+        size_bytes: its size.
+        opset: the ONNX opset it was exported with.
+    """
+    data = meta.training_data
+    s = meta.input_size
+    members = ", ".join(f"{a} (T={t:.3g})" for a, t in zip(meta.architecture, meta.temperature, strict=True))
+    lines = [
+        f"# Model card: {meta.name} {meta.version}",
+        "",
+        f"File `{file_name}` ({size_bytes / 1e6:.1f} MB, ONNX opset {opset}), exported {meta.exported_at}.",
+        f"Weights sha256 (over the graph initializers): `{meta.weights_sha256}`.",
+        "",
+        "## Intended use",
+        "",
+        "Decision support for clinicians: ranks the likely diagnoses of one dermoscopic image of a skin lesion",
+        "and gives a malignancy score. It is not a diagnosis, was not validated prospectively, and is not a",
+        "medical device. Out of scope: clinical (non-dermoscopic) photographs, non-skin images, lesions outside",
+        "the classes below, and any use that the training data's licence forbids.",
+        "",
+        "## Classes",
+        "",
+        "| column | code | name | malignant |",
+        "|---:|---|---|:---:|",
+    ]
+    lines += [
+        f"| {j} | `{c}` | {meta.display_name(c)} | {'yes' if c in meta.malignant_classes else ''} |"
+        for j, c in enumerate(meta.classes)
+    ]
+    lines += [
+        "",
+        f"Malignancy score = sum of the probabilities of {', '.join(meta.malignant_classes) or '(none)'};"
+        f" operating threshold {meta.malignancy_threshold:g}.",
+        "",
+        "## Input, output and what happens inside",
+        "",
+        f"- input `{INPUT_NAME}`: uint8 `[N, {s}, {s}, 3]` RGB; the caller centre-crops to a square and resizes to"
+        f" {s} with `{meta.preprocessing.get('resize', 'cv2.INTER_AREA')}`.",
+        f"- inside: {meta.preprocessing.get('in_graph', '')}; backbone dtype"
+        f" {meta.preprocessing.get('backbone_dtype', 'float32')}.",
+        f"- test-time augmentation: {len(meta.tta)} view(s), averaged: {', '.join(meta.tta)}.",
+        f"- architecture: {meta.ensemble_size} member(s), probabilities averaged: {members}.",
+        "  Temperatures were fitted on validation data by training (1 = not fitted).",
+        f"- output `{OUTPUT_NAME}`: float32 `[N, {len(meta.classes)}]`, rows sum to 1.",
+        "",
+        "## Training data",
+        "",
+        f"- data: {data.get('name', 'unknown')}",
+        f"- licence: {data.get('license', 'unknown')}",
+        f"- citation: {data.get('citation', 'unknown')}",
+        "",
+        "Models trained on CC BY-NC 4.0 data inherit its terms: non-commercial use, attribution required.",
+        "",
+        "## Validation metrics",
+        "",
+        *_metrics_lines(meta.metrics),
+        "",
+        "## Verification at export",
+        "",
+        *[f"- {c}" for c in checks],
+        "",
+        "## Reading the metadata",
+        "",
+        f"All facts above are in the file's `metadata_props` under `{PREFIX}*` (JSON values); read them with",
+        "`onnxruntime.InferenceSession(path).get_modelmeta().custom_metadata_map` and",
+        "`service.contract.ModelMetadata.from_props(...)`.",
+        "",
+    ]
+    return "\n".join(lines)
