@@ -1,0 +1,256 @@
+"""service.batcher: batch collection as a pure function on a plain queue, then the Batcher with a fake model."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, Prediction, batch_sizes, collect_batch
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from tests.service.conftest import SIZE, FakeModel
+
+SHAPE = (SIZE, SIZE, 3)
+
+
+def image(red: int) -> np.ndarray:
+    img = np.zeros(SHAPE, dtype=np.uint8)
+    img[..., 0] = red
+    return img
+
+
+def far() -> float:
+    return time.monotonic() + 30
+
+
+def filled(items: list[int]) -> queue.Queue[int]:
+    q: queue.Queue[int] = queue.Queue()
+    for item in items:
+        q.put(item)
+    return q
+
+
+# --- collect_batch: pure, with a plain queue ----------------------------------------------------
+
+
+def test_collect_takes_what_is_waiting_up_to_max_batch() -> None:
+    q = filled(list(range(10)))
+    assert collect_batch(q, max_batch=4, max_wait_s=0.0) == [0, 1, 2, 3]
+    assert collect_batch(q, max_batch=4, max_wait_s=0.0) == [4, 5, 6, 7]
+    assert collect_batch(q, max_batch=4, max_wait_s=0.0) == [8, 9]
+
+
+def test_collect_returns_empty_when_nothing_comes() -> None:
+    start = time.monotonic()
+    assert collect_batch(filled([]), 4, 0.0, first_timeout=0.05) == []
+    assert time.monotonic() - start < 1.0
+
+
+def test_collect_waits_at_most_max_wait_for_stragglers() -> None:
+    q = filled([1])
+    start = time.monotonic()
+    assert collect_batch(q, max_batch=8, max_wait_s=0.1) == [1]
+    waited = time.monotonic() - start
+    assert 0.09 <= waited < 1.0
+
+
+def test_collect_gathers_an_item_arriving_within_max_wait() -> None:
+    q = filled([1])
+    threading.Timer(0.03, q.put, args=(2,)).start()
+    assert collect_batch(q, max_batch=8, max_wait_s=0.5) == [1, 2]
+
+
+def test_collect_does_not_wait_when_nothing_more_is_coming() -> None:
+    q = filled([1])
+    start = time.monotonic()
+    assert collect_batch(q, max_batch=8, max_wait_s=2.0, more_coming=lambda: False) == [1]
+    assert time.monotonic() - start < 0.5  # a lone request pays no batching delay
+
+
+def test_batch_sizes_padded_and_not() -> None:
+    assert batch_sizes(8, pad=False) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert batch_sizes(8, pad=True) == [1, 2, 4, 8]
+    assert batch_sizes(12, pad=True) == [1, 2, 4, 8, 12]
+
+
+# --- Batcher with a fake model --------------------------------------------------------------------
+
+
+def make_batcher(model: FakeModel, **kwargs: object) -> Batcher:
+    options: dict[str, object] = {"max_batch": 8, "max_wait_s": 0.05, "queue_size": 64}
+    options.update(kwargs)
+    batcher = Batcher(model.run, SHAPE, **options)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_submits_form_one_batch_and_rows_go_to_their_callers() -> None:
+    model = FakeModel()
+    model.gate.clear()  # hold the worker so all six are queued before it collects
+    batcher = make_batcher(model)
+    try:
+        futures = [batcher.submit(image(red), far()) for red in (0, 50, 100, 150, 200, 250)]
+        model.gate.set()
+        results = [f.result(5) for f in futures]
+    finally:
+        batcher.close(5)
+    assert model.batches == [6]
+    assert all(r.batch_size == 6 for r in results)
+    for red, result in zip((0, 50, 100, 150, 200, 250), results, strict=True):
+        expected = model.run(image(red)[None])[0]
+        np.testing.assert_allclose(result.probabilities, expected, rtol=1e-6)
+
+
+def test_max_batch_is_honoured() -> None:
+    model = FakeModel()
+    model.gate.clear()
+    batcher = make_batcher(model, max_batch=4)
+    try:
+        futures = [batcher.submit(image(i), far()) for i in range(10)]
+        model.gate.set()
+        [f.result(5) for f in futures]
+    finally:
+        batcher.close(5)
+    assert max(model.batches) <= 4
+    assert sum(model.batches) == 10
+
+
+def test_max_wait_is_honoured_for_a_lone_request() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=0.2)
+    batcher.expect(+1)  # something announced as "being decoded" that never arrives
+    try:
+        start = time.monotonic()
+        result = batcher.submit(image(1), far()).result(5)
+        took = time.monotonic() - start
+    finally:
+        batcher.close(5)
+    assert result.batch_size == 1
+    assert 0.18 <= took < 2.0
+
+
+def test_queue_full_raises_overloaded_with_retry_after() -> None:
+    model = FakeModel()
+    model.gate.clear()
+    batcher = make_batcher(model, queue_size=2, max_batch=1)
+    try:
+        first = batcher.submit(image(1), far())
+        time.sleep(0.1)  # the worker takes it and blocks in run(); the queue is empty again
+        kept = [batcher.submit(image(2), far()), batcher.submit(image(3), far())]
+        with pytest.raises(Overloaded) as err:
+            batcher.submit(image(4), far())
+        assert err.value.headers["Retry-After"] == "1"
+        model.gate.set()
+        assert all(isinstance(f.result(5), Prediction) for f in [first, *kept])
+    finally:
+        batcher.close(5)
+
+
+def test_expired_requests_are_dropped_before_inference() -> None:
+    model = FakeModel()
+    model.gate.clear()
+    batcher = make_batcher(model, max_batch=1)
+    try:
+        blocker = batcher.submit(image(1), far())
+        time.sleep(0.05)
+        expired = batcher.submit(image(2), time.monotonic() + 0.05)
+        live = batcher.submit(image(3), far())
+        time.sleep(0.15)  # the second one's deadline passes while the worker is busy
+        model.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            expired.result(5)
+        blocker.result(5)
+        live.result(5)
+    finally:
+        batcher.close(5)
+    assert model.batches == [1, 1]  # the expired image never reached the model
+
+
+def test_cancelled_requests_are_skipped() -> None:
+    model = FakeModel()
+    model.gate.clear()
+    batcher = make_batcher(model, max_batch=1)
+    try:
+        blocker = batcher.submit(image(1), far())
+        time.sleep(0.05)
+        gone: Future[Prediction] = batcher.submit(image(2), far())
+        assert gone.cancel()
+        model.gate.set()
+        blocker.result(5)
+        time.sleep(0.1)
+    finally:
+        batcher.close(5)
+    assert model.batches == [1]
+
+
+def test_a_bad_input_fails_only_its_own_request() -> None:
+    model = FakeModel()
+    model.gate.clear()
+    batcher = make_batcher(model)
+    try:
+        futures = [batcher.submit(image(red), far()) for red in (10, 13, 20)]  # 13 is poison
+        model.gate.set()
+        good_a, bad, good_b = futures
+        with pytest.raises(InferenceFailed) as err:
+            bad.result(5)
+        assert "secret" not in err.value.detail
+        assert good_a.result(5).batch_size == 1 and good_b.result(5).batch_size == 1
+        # and the batcher keeps serving afterwards
+        assert batcher.submit(image(30), far()).result(5).batch_size == 1
+    finally:
+        batcher.close(5)
+    assert model.batches[0] == 3  # the failed batch of 3, then one retry per image
+
+
+def test_a_failing_model_fails_requests_and_the_worker_survives() -> None:
+    model = FakeModel()
+    model.fail_all = True
+    batcher = make_batcher(model)
+    try:
+        with pytest.raises(InferenceFailed):
+            batcher.submit(image(1), far()).result(5)
+        model.fail_all = False
+        assert batcher.submit(image(1), far()).result(5).batch_size == 1
+    finally:
+        batcher.close(5)
+
+
+def test_wrong_array_is_refused_at_submit() -> None:
+    batcher = Batcher(FakeModel().run, SHAPE)
+    with pytest.raises(ValueError, match="expected uint8"):
+        batcher.submit(np.zeros(SHAPE, dtype=np.float32), far())
+    with pytest.raises(ValueError, match="expected uint8"):
+        batcher.submit(np.zeros((SIZE + 1, SIZE, 3), dtype=np.uint8), far())
+
+
+def test_padding_runs_fixed_shapes_and_answers_real_rows() -> None:
+    model = FakeModel()
+    model.gate.clear()
+    batcher = make_batcher(model, pad=True)
+    try:
+        futures = [batcher.submit(image(red), far()) for red in (10, 20, 30)]
+        model.gate.set()
+        results = [f.result(5) for f in futures]
+    finally:
+        batcher.close(5)
+    assert model.batches == [4]  # 3 padded to the next fixed size
+    assert [r.batch_size for r in results] == [3, 3, 3]
+
+
+def test_warm_up_runs_every_batch_size() -> None:
+    model = FakeModel()
+    assert Batcher(model.run, SHAPE, max_batch=4).warm_up() == [1, 2, 3, 4]
+    assert Batcher(model.run, SHAPE, max_batch=8, pad=True).warm_up() == [1, 2, 4, 8]
+    assert model.batches == [1, 2, 3, 4, 1, 2, 4, 8]
+
+
+def test_close_finishes_what_is_queued() -> None:
+    model = FakeModel(delay_s=0.02)
+    batcher = make_batcher(model, max_batch=2)
+    futures = [batcher.submit(image(i), far()) for i in range(6)]
+    batcher.close(5)
+    assert all(f.done() and f.exception() is None for f in futures)
