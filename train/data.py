@@ -124,11 +124,14 @@ def read_ham_csv(csv_path: Path, images: str | Path | None = None, classes: list
     if not rows or "image_id" not in rows[0] or "dx" not in rows[0]:
         raise DataError(f"{csv_path}: expected columns image_id and dx (HAM10000 metadata)")
     found = sorted({r["dx"].strip() for r in rows})
-    default = HAM_CLASSES if set(found) <= set(HAM_CLASSES) else found
-    order = _order(found, classes or default, csv_path)
-    bad = [f"row {i + 2}: {r['dx']!r}" for i, r in enumerate(rows) if r["dx"].strip() not in order]
+    # Some HAM codes next to unknown ones is a typo, not a new taxonomy: refuse it (below).
+    # A file with none of HAM's codes is a custom label set, ordered by name.
+    default = HAM_CLASSES if set(found) & set(HAM_CLASSES) else found
+    wanted = classes or default
+    bad = [f"row {i + 2}: {r['dx']!r}" for i, r in enumerate(rows) if r["dx"].strip() not in wanted]
     if bad:
-        raise DataError(f"{csv_path}: unknown label(s): {'; '.join(bad[:10])}")
+        raise DataError(f"{csv_path}: label(s) not in the class list {wanted}: {'; '.join(bad[:10])}")
+    order = _order(found, wanted, csv_path)
     stems = [r["image_id"].strip() for r in rows]
     paths = _resolve(_image_dir(csv_path, images), stems, csv_path)
     labels = np.array([order.index(r["dx"].strip()) for r in rows], dtype=np.int64)

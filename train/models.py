@@ -38,7 +38,8 @@ class SimAM(nn.Module):
         self.e_lambda = e_lambda
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        n = x.shape[2] * x.shape[3] - 1
+        # max(., 1): a 1x1 map (layer4 of a 32-px input) would otherwise divide 0 by 0 -> NaN
+        n = max(x.shape[2] * x.shape[3] - 1, 1)
         d = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2)
         v = d.sum(dim=(2, 3), keepdim=True) / n
         e_inv = d / (4 * (v + self.e_lambda)) + 0.5
