@@ -83,6 +83,14 @@ class DicomImage:
     identifiers: dict[str, str]
 
 
+def is_dicom(data: bytes) -> bool:
+    """True when the bytes start like a DICOM Part-10 file (128-byte preamble, then ``DICM``).
+
+    For sniffing multipart parts labelled ``application/octet-stream``; it reads nothing else.
+    """
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
 def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
     """Read a DICOM Part-10 object and decode its first frame to RGB.
 

@@ -33,6 +33,7 @@ from service.dicom import (
     SECONDARY_CAPTURE,
     VL_PHOTOGRAPHIC,
     DicomImage,
+    is_dicom,
     read_dicom,
 )
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
@@ -307,6 +308,11 @@ def test_no_decoding_fixture_intercepts_the_decode_path(no_decoding: None) -> No
 def test_not_dicom_is_invalid_image(no_decoding: None, body: bytes) -> None:
     with pytest.raises(InvalidImage, match="DICOM"):
         read_dicom(body, max_pixels=MAX_PIXELS)
+
+
+def test_is_dicom_sniffs_the_part10_prefix() -> None:
+    assert is_dicom(COMMITTED[0].read_bytes()) and is_dicom(make_dicom(gradient()))
+    assert not is_dicom(jpeg_bytes(gradient())) and not is_dicom(b"") and not is_dicom(b"\0" * 128 + b"DIC")
 
 
 def test_no_pixel_data_is_invalid_image_without_decoding(no_decoding: None) -> None:
