@@ -24,9 +24,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble  # no public meta-only reader for bytes
 from pydicom.pixels import get_decoder
@@ -244,6 +246,9 @@ def _check_pixel_data_framing(data: bytes, offset: int) -> None:
 def _decode_first_frame(data: bytes, ts: UID, *, rows: int, cols: int) -> np.ndarray:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        fast = _baseline_jpeg_fast(ds, ts)
+        if fast is not None:
+            return _checked(fast, rows, cols)
         # as_rgb (True by default) converts YBR to RGB, and pydicom knows when a JPEG decoder has already
         # done so (baseline JPEG with YBR_FULL_422 comes back from Pillow/libjpeg as RGB): no double conversion.
         arr, meta = get_decoder(ts).as_array(ds, index=0)
@@ -253,6 +258,29 @@ def _decode_first_frame(data: bytes, ts: UID, *, rows: int, cols: int) -> np.nda
     photometric = str(meta.get("photometric_interpretation", "RGB"))
     if photometric in ("YBR_FULL", "YBR_FULL_422"):  # defensive: a plugin that returned YCbCr
         arr = convert_color_space(arr, photometric, "RGB")
+    return _checked(arr, rows, cols)
+
+
+def _baseline_jpeg_fast(ds: Dataset, ts: UID) -> np.ndarray | None:
+    """Fast path for the usual dermatoscope export: baseline JPEG, YCbCr in the stream (YBR_FULL[_422]).
+
+    OpenCV's libjpeg-turbo does YCbCr->RGB itself, ~10x faster than pydicom's plugins (Pillow decodes to
+    raw YCbCr and converts in numpy; pylibjpeg is slower still). RGB-labelled streams
+    (JPEG without colour transform) keep pydicom's path, which knows to tell the decoder not to
+    convert. tests/service/test_dicom.py checks both paths agree. None = use pydicom.
+    """
+    if ts != pydicom.uid.JPEGBaseline8Bit or ds.get("PhotometricInterpretation") not in ("YBR_FULL_422", "YBR_FULL"):
+        return None
+    frames = _int(ds, "NumberOfFrames", default=1)
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=frames))
+    # IGNORE_ORIENTATION: an EXIF tag inside the codestream must not rotate what the header describes.
+    bgr = cv2.imdecode(np.frombuffer(codestream, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+        return None  # not a 3-component 8-bit JPEG after all: let pydicom decide (and refuse)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _checked(arr: np.ndarray, rows: int, cols: int) -> np.ndarray:
     if arr.shape != (rows, cols, 3) or arr.dtype != np.uint8:
         raise InvalidImage(f"DICOM pixel data decoded to {arr.shape} {arr.dtype}, expected ({rows}, {cols}, 3) uint8")
     return np.ascontiguousarray(arr)

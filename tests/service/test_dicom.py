@@ -7,6 +7,7 @@ import io
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -57,6 +58,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in ("as_array", "iter_array", "as_buffer", "iter_buffer"):
         monkeypatch.setattr(Decoder, name, boom)
+    monkeypatch.setattr(cv2, "imdecode", boom)  # read_dicom's fast path for YCbCr baseline JPEG
 
 
 def gradient(rows: int = 24, cols: int = 32, seed: int = 0) -> np.ndarray:
@@ -144,6 +146,17 @@ def test_committed_dicom_decodes_like_its_embedded_jpeg(path: Path) -> None:
     assert image.identifiers == {k: str(ds[k].value) for k in IDENTIFIER_KEYWORDS if ds.get(k)}
     assert {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"} <= set(image.identifiers)
     assert str(ds.PatientName) not in repr(image) and str(ds.PatientID) not in repr(image)
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_fast_jpeg_path_agrees_with_pydicom_and_is_taken(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    data = path.read_bytes()
+    reference = pydicom.dcmread(io.BytesIO(data)).pixel_array  # pydicom's own decode and YBR handling
+    fast = read_dicom(data, max_pixels=MAX_PIXELS).rgb
+    assert mean_abs_diff(fast, reference) < 1.0
+    assert np.abs(fast.astype(int) - reference.astype(int)).max() <= 16  # IDCT/upsampling rounding only
+    monkeypatch.setattr(Decoder, "as_array", lambda *a, **k: pytest.fail("pydicom decoder used"))
+    np.testing.assert_array_equal(read_dicom(data, max_pixels=MAX_PIXELS).rgb, fast)
 
 
 def test_identifiers_are_uids_and_accession_never_patient_fields() -> None:
