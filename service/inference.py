@@ -54,8 +54,8 @@ def choose_providers(wanted: list[str], available: list[str]) -> list[str]:
     if not usable:
         raise ModelLoadError(f"none of the providers {wanted} is available (this onnxruntime has {available})")
     skipped = [p for p in wanted if p not in available]
-    if skipped:
-        log.warning("execution providers not available, skipped", extra={"skipped": skipped})
+    if skipped:  # expected on CPU nodes; the provider in use is logged at load and exported as a metric
+        log.debug("execution providers not available, skipped", extra={"skipped": skipped})
     return usable
 
 
@@ -110,12 +110,13 @@ class OnnxModel:
                 str(path), sess_options=opts, providers=[(p, provider_options(p, cuda_mem_limit_mb)) for p in usable]
             )
         except Exception as exc:  # ORT raises several unrelated types for unreadable files
-            raise ModelLoadError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0][:200]}") from None
+            reason = str(exc).splitlines()[0].split(" : ")[-1].split(" failed:")[-1][:200]
+            raise ModelLoadError(f"not a loadable ONNX model ({reason})") from None
         try:
-            metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, source=str(path))
+            metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, source="the file")
         except MetadataError as exc:
             raise ModelLoadError(str(exc)) from None
-        cls._check_io(session, metadata, path)
+        cls._check_io(session, metadata)
         model = cls(session, metadata, session.get_providers()[0], file_sha256(path), path)
         log.info(
             "model loaded",
@@ -124,17 +125,17 @@ class OnnxModel:
         return model
 
     @staticmethod
-    def _check_io(session: ort.InferenceSession, meta: ModelMetadata, path: Path) -> None:
+    def _check_io(session: ort.InferenceSession, meta: ModelMetadata) -> None:
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-            raise ModelLoadError(f"{path} must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
+            raise ModelLoadError(f"the model must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
         inp = inputs[INPUT_NAME]
         if inp.type != "tensor(uint8)":
-            raise ModelLoadError(f"{path}: input {INPUT_NAME!r} is {inp.type}, the contract says uint8")
+            raise ModelLoadError(f"input {INPUT_NAME!r} is {inp.type}, the contract says uint8")
         shape = list(inp.shape)
         if len(shape) != 4 or shape[1:] != [meta.input_size, meta.input_size, 3]:
-            raise ModelLoadError(f"{path}: input shape {shape} is not [N, {meta.input_size}, {meta.input_size}, 3]")
+            raise ModelLoadError(f"input shape {shape} is not [N, {meta.input_size}, {meta.input_size}, 3]")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """``uint8 [N, S, S, 3]`` -> ``float32 [N, K]`` probabilities."""
