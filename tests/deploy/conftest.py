@@ -76,6 +76,7 @@ def running_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         LESIONSERVE_MODEL_PATH=str(model),
         LESIONSERVE_HOST="127.0.0.1",
         LESIONSERVE_PORT=str(port),
+        LESIONSERVE_PROVIDERS="CPUExecutionProvider",
         LESIONSERVE_MAX_BATCH_SIZE="2",
         LESIONSERVE_INTRA_OP_THREADS="1",
         LESIONSERVE_DECODE_THREADS="1",
