@@ -92,6 +92,41 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int, device: torch.
     return torch.cat(outs).numpy()
 
 
+def prepare_batch(
+    x: torch.Tensor, y: torch.Tensor, aug: AugmentParams | None, gen: torch.Generator, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Cached uint8 batch -> augmented, mixed model input ``(xb, y_a, y_b, lam)``; ``aug=None``: no augmentation."""
+    if aug is None:
+        xb, ya, yb, lam = model_input(x), y, y, 1.0
+    else:
+        xb, ya, yb, lam = mix(augment(x, aug, gen), y, aug, gen)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, ya, yb, lam
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    xb: torch.Tensor,
+    ya: torch.Tensor,
+    yb: torch.Tensor,
+    lam: float,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One optimiser step; a mixed batch's loss is ``lam * L(y_a) + (1 - lam) * L(y_b)``."""
+    with torch.autocast(xb.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(xb)
+    loss = loss_fn(logits, ya) if lam == 1.0 else lam * loss_fn(logits, ya) + (1 - lam) * loss_fn(logits, yb)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
 def _epoch_indices(cfg: TrainConfig, y: torch.Tensor, gen: torch.Generator, d: Dist) -> torch.Tensor:
     n = len(y)
     if cfg.sampler == "balanced":
@@ -172,18 +207,8 @@ def fit(
         )
         for s in bar:
             bi = idx[s * cfg.batch_size : (s + 1) * cfg.batch_size].to(device)
-            xb, yb = xtr[bi], ytr[bi]
-            xb = augment(xb, aug, gen) if cfg.augment else model_input(xb)
-            xb, ya, yb2, lam = mix(xb, yb, aug, gen)
-            if cl:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and cfg.amp):
-                logits = model(xb)
-            loss = loss_fn(logits, ya) if lam == 1.0 else lam * loss_fn(logits, ya) + (1 - lam) * loss_fn(logits, yb2)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            xb, ya, yb2, lam = prepare_batch(xtr[bi], ytr[bi], aug if cfg.augment else None, gen, cl)
+            loss = train_step(model, loss_fn, opt, scaler, xb, ya, yb2, lam, amp_dtype if cuda and cfg.amp else None)
             if cfg.scheduler == "cosine":
                 sched.step()
             total += loss.item() * len(bi)
