@@ -9,8 +9,10 @@ the file (no external data) so that a model is exactly one file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,8 @@ def export_graph(
         torch.randint(0, 256, shape, dtype=torch.uint8) if channels_last else torch.randn(shape, dtype=torch.float32)
     )
     batch = torch.export.Dim("N", min=1, max=4096)
+    # torch.export's own pytree code trips a FutureWarning of torch's in 2.13; nothing for us to change.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
         torch.onnx.export(
             model.eval(),
@@ -139,20 +143,22 @@ def export_checkpoints(
     size = ckpts[0].img_size
     model, reference, singles = build_module(ckpts, tta, fp16)
 
+    # Built (and validated) before anything is written; the weights hash is filled in after the export.
+    meta = build_metadata(
+        ckpts,
+        tta=tta,
+        name=name or out.stem,
+        version=version,
+        weights_hash="",
+        fp16=fp16,
+        malignancy_threshold=malignancy_threshold,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
         export_graph(model, partial, size, opset)
         proto = onnx.load(str(partial))
-        meta = build_metadata(
-            ckpts,
-            tta=tta,
-            name=name or out.stem,
-            version=version,
-            weights_hash=weights_sha256(proto),
-            fp16=fp16,
-            malignancy_threshold=malignancy_threshold,
-        )
+        meta = dataclasses.replace(meta, weights_sha256=weights_sha256(proto))
         del proto.metadata_props[:]
         for key, value in meta.to_props().items():
             proto.metadata_props.add(key=key, value=value)

@@ -1,0 +1,71 @@
+"""The torch modules that become the graph: views, preprocessing, calibration, averaging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.wrappers import VIEW_FNS, CalibratedMember, LesionModel, Preprocess, TTAViews, UnknownTTAError, tta_views
+from service.contract import TTA_VIEWS
+from train.models import build_model
+
+
+def test_views_match_torch_rot90_and_are_eight_distinct_symmetries() -> None:
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    assert torch.equal(VIEW_FNS["rot90"](x), torch.rot90(x, 1, (2, 3)))
+    assert torch.equal(VIEW_FNS["rot180"](x), torch.rot90(x, 2, (2, 3)))
+    assert torch.equal(VIEW_FNS["rot270"](x), torch.rot90(x, 3, (2, 3)))
+    assert torch.equal(VIEW_FNS["antitranspose"](x), torch.rot90(x.transpose(2, 3), 2, (2, 3)))
+    outs = [VIEW_FNS[v](x) for v in TTA_VIEWS["dihedral"]]
+    assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1 :])
+    # The group is closed: the views of a rotated image are the views of the image, permuted.
+    rotated = [VIEW_FNS[v](torch.rot90(x, 1, (2, 3))) for v in TTA_VIEWS["dihedral"]]
+    assert all(any(torch.equal(r, o) for o in outs) for r in rotated)
+
+
+def test_tta_setting_names() -> None:
+    assert [len(tta_views(t)) for t in ("none", "flips", "dihedral")] == [1, 4, 8]
+    with pytest.raises(UnknownTTAError, match=r"unknown TTA setting 'd4'.*none, flips, dihedral"):
+        tta_views("d4")
+    with pytest.raises(UnknownTTAError, match="spin"):
+        TTAViews(["identity", "spin"])
+
+
+def test_preprocess_is_imagenet_normalisation_in_nchw() -> None:
+    image = torch.randint(0, 256, (2, 4, 6, 3), dtype=torch.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = ((image.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+    torch.testing.assert_close(Preprocess()(image), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_member_divides_logits_by_its_temperature() -> None:
+    backbone = build_model("resnet18", 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.softmax(backbone(x) / 2.5, dim=-1)
+        torch.testing.assert_close(CalibratedMember(backbone, 2.5)(x), expected)
+    with pytest.raises(ValueError, match="temperature"):
+        CalibratedMember(backbone, 0.0)
+
+
+def test_model_averages_views_then_members() -> None:
+    torch.manual_seed(0)
+    a, b = (CalibratedMember(build_model("resnet18", 4).eval(), t) for t in (1.0, 2.0))
+    image = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    views = TTA_VIEWS["flips"]
+    with torch.no_grad():
+        out = LesionModel([a, b], views)(image)
+        x = Preprocess()(image)
+        by_hand = torch.stack([torch.stack([m(VIEW_FNS[v](x)) for v in views]).mean(0) for m in (a, b)]).mean(0)
+    assert out.shape == (3, 4)
+    torch.testing.assert_close(out, by_hand, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.sum(1), torch.ones(3))
+
+
+def test_dihedral_model_is_invariant_in_torch() -> None:
+    model = LesionModel([CalibratedMember(build_model("resnet18", 5).eval(), 1.0)], TTA_VIEWS["dihedral"])
+    image = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        base = model(image)
+        torch.testing.assert_close(model(torch.rot90(image, 1, (1, 2))), base, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(image.flip(2)), base, atol=1e-6, rtol=0)
