@@ -215,6 +215,9 @@ def fit(
             seen += len(bi)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         train_time = time.perf_counter() - t0
+        if d.world > 1:  # BN running stats are per rank: take rank 0's so every rank scores one model
+            for buf in core.buffers():
+                dist.broadcast(buf, 0)
         logits = predict_logits(core, val.x, max(cfg.batch_size, 128), device, cl)
         metrics = compute_metrics(logits, val.y.numpy(), classes)
         metrics["val_loss"] = metrics["nll"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +157,18 @@ def test_ham10000_few_dozen_images(tmp_path: Path) -> None:
     assert ck.dataset["license"] == "CC BY-NC 4.0"
     split = json.loads((tmp_path / "split.json").read_text())
     assert not set(split["train"]) & set(split["val"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_agree(tmp_path: Path) -> None:
+    """DDP (gloo on CPU): both ranks score the same model each epoch, rank 0 writes the checkpoint."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "train", "--data", str(ISIC), "--img-size", "32",
+           "--epochs", "2", "--batch-size", "2", "--test-frac", "0", "--val-frac", "0.25", "--out", str(tmp_path),
+           "--no-progress", "--load-workers", "1", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=TEST_DATA.parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = re.findall(r"epoch (\d)/2 train_loss \S+ val_loss (\S+)", proc.stderr)
+    assert len(lines) == 4 and len(set(lines)) == 2  # per epoch: one val loss shared by both ranks
+    assert "world size 2" in proc.stderr
+    assert load_checkpoint(tmp_path / "best.pt").temperature > 0
