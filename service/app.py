@@ -63,5 +63,5 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
     app.state.runtime = runtime
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, draining=lambda: runtime.draining)
     return app

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,10 +36,18 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class RequestContextMiddleware:
-    """Sets ``request.state.request_id``, echoes ``X-Request-ID``, records metrics and one log line."""
+    """Sets ``request.state.request_id``, echoes ``X-Request-ID``, records metrics and one log line.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Args:
+        app: the wrapped ASGI app.
+        draining: says whether the process is draining; then every response carries
+            ``Connection: close`` so that no client sends its next request down a connection
+            that the shutdown is about to close.
+    """
+
+    def __init__(self, app: ASGIApp, draining: Callable[[], bool] = lambda: False) -> None:
         self.app = app
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,6 +66,8 @@ class RequestContextMiddleware:
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                if self.draining() and not any(k.lower() == b"connection" for k, _ in message["headers"]):
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         metrics.IN_FLIGHT_REQUESTS.inc()
