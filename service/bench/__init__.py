@@ -1,0 +1,1 @@
+"""Load-test harness: ``python -m service.bench`` (see docs/service.md)."""

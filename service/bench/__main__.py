@@ -1,0 +1,159 @@
+"""``python -m service.bench``: the service's throughput and latency against its ceilings.
+
+Measures, in one run: ONNX Runtime alone on ready tensors at each batch size (the ceiling);
+the service over HTTP at concurrency 1 and 16 (throughput, p50/p99, batch-size histogram);
+the plain FastAPI baseline (``service.bench.baseline``) the same way; and the service's RSS
+after warm-up and after many requests. Results are printed and written as JSON.
+
+Without ``--model`` a ResNet-50-shaped model is built with ``python -m tests.resnet_onnx``
+(needs the repository checkout and the ``onnx`` package, i.e. the dev/train extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.bench.load import LoadResult, Server, run_load
+from service.imaging import decode_image
+from service.inference import OnnxModel
+
+log = logging.getLogger("service.bench")
+DEFAULT_IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000-600x450"
+
+
+def build_model(path: Path, width: int) -> Path:
+    if not path.exists():
+        log.info("building %s", path)
+        subprocess.run([sys.executable, "-m", "tests.resnet_onnx", str(path), "--width", str(width)], check=True)
+    return path
+
+
+def ceiling(model_path: Path, images: list[bytes], batches: list[int], seconds: float) -> dict[str, float]:
+    """Images/s of ONNX Runtime alone on preprocessed tensors, per batch size, in this process."""
+    model = OnnxModel.load(model_path, ["CPUExecutionProvider"], intra_op_threads=os.cpu_count() or 1)
+    size = model.metadata.input_size
+    tensors = np.stack([decode_image(data, size, 10**9).pixels for data in images[: max(batches)]])
+    out = {}
+    for b in batches:
+        model.run(tensors[:b])  # first run allocates
+        runs, start = 0, time.perf_counter()
+        while runs < 2 or time.perf_counter() - start < seconds:
+            model.run(tensors[:b])
+            runs += 1
+        out[str(b)] = round(runs * b / (time.perf_counter() - start), 2)
+    return out
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def phase(name: str, server: Server, images: list[bytes], concurrency: int, requests: int) -> dict[str, object]:
+    load_before = load_avg()
+    result: LoadResult = run_load(server.url, images, concurrency, requests)
+    summary = {"name": name, **result.summary(), "load_before": load_before, "load_after": load_avg()}
+    log.info("%s", json.dumps(summary))
+    return summary
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="lesionserve load-test harness")
+    p.add_argument("--model", type=Path, help="contract .onnx (default: build a ResNet-50-shaped one)")
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs sent as requests")
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--requests-c1", type=int, default=30)
+    p.add_argument("--requests-c16", type=int, default=160)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--ceiling-seconds", type=float, default=4.0)
+    p.add_argument("--rss-requests", type=int, default=5000, help="0 skips the RSS run")
+    p.add_argument("--rss-model", type=Path, help="model for the RSS run (default: ResNet-50-shaped, width 16)")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    paths = sorted(args.images.glob("*.jpg"))
+    if not paths:
+        print(f"lesionserve bench: no JPEGs in {args.images} (use --images DIR)", file=sys.stderr)
+        return 2
+    images = [path.read_bytes() for path in paths]
+    model = args.model or build_model(args.workdir / "resnet50-224.onnx", 64)
+    report: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, shared with other users",
+        "model": str(model), "images": f"{len(images)} JPEGs from {args.images}", "load_start": load_avg(),
+        "settings": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
+    }  # fmt: skip
+    batches = sorted({1, 2, 4, args.max_batch})
+    report["ceiling_img_s"] = ceiling(model, images, batches, args.ceiling_seconds)
+    log.info("ceiling %s (load %s)", report["ceiling_img_s"], load_avg())
+
+    svc = Server.service(model, args.workdir / "service.log", providers="CPUExecutionProvider",
+                         max_batch_size=str(args.max_batch), max_wait_ms=str(args.max_wait_ms), queue_size="256")  # fmt: skip
+    servers = {"service": svc}
+    if not args.skip_baseline:
+        servers["baseline"] = Server.baseline(model, args.workdir / "baseline.log")
+    phases: list[dict[str, object]] = []
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            run_load(server.url, images, 16, 32)  # warm-up: first requests, thread pools, arenas
+        rss_warm = svc.rss_mb()
+        for r in range(args.repeats):
+            for name, server in servers.items():
+                phases.append({"repeat": r, **phase(f"{name} c1", server, images, 1, args.requests_c1)})
+                phases.append({"repeat": r, **phase(f"{name} c16", server, images, 16, args.requests_c16)})
+        report["service_rss_mb"] = {"after_warm_up": round(rss_warm, 1), "after_runs": round(svc.rss_mb(), 1)}
+    finally:
+        for server in servers.values():
+            server.stop()
+    report["phases"] = phases
+    best = max(report["ceiling_img_s"].values())  # type: ignore[attr-defined]
+    summary = {}
+    for name in {str(ph["name"]) for ph in phases}:
+        tp = [float(ph["throughput_rps"]) for ph in phases if ph["name"] == name]  # type: ignore[arg-type]
+        summary[name] = {"throughput_rps": spread(tp), "ratio_to_ceiling": round(statistics.median(tp) / best, 3)}
+    report["summary"] = dict(sorted(summary.items()))
+
+    if args.rss_requests:
+        rss_model = args.rss_model or build_model(args.workdir / "resnet50-w16-224.onnx", 16)
+        rss = Server.service(rss_model, args.workdir / "service-rss.log", providers="CPUExecutionProvider",
+                             max_batch_size=str(args.max_batch), max_wait_ms=str(args.max_wait_ms), queue_size="256")  # fmt: skip
+        try:
+            rss.wait_ready()
+            run_load(rss.url, images, 16, 300)
+            warm = rss.rss_mb()
+            run_ = phase("rss run", rss, images, 16, args.rss_requests)
+            after = rss.rss_mb()
+        finally:
+            rss.stop()
+        report["rss"] = {"model": str(rss_model), "requests": args.rss_requests, "after_warm_up_mb": round(warm, 1),
+                         "after_requests_mb": round(after, 1), "growth_mb": round(after - warm, 1), "run": run_}  # fmt: skip
+    report["load_end"] = load_avg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("ceiling_img_s", "summary", "load_start", "load_end")}, indent=2))
+    if "rss" in report:
+        print(json.dumps({k: v for k, v in report["rss"].items() if k != "run"}))  # type: ignore[attr-defined]
+    print(f"full results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
