@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from export.onnx_export import export_graph
 from export.wrappers import CalibratedMember, LesionModel, tta_views
@@ -41,10 +42,10 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def paired_median_s(
+def paired_times_s(
     a: ort.InferenceSession, xa: np.ndarray, b: ort.InferenceSession, xb: np.ndarray, repeats: int
-) -> tuple[float, float]:
-    """Median seconds per run of ``a`` on ``xa`` and of ``b`` on ``xb``, timed alternately after one warm-up each."""
+) -> tuple[list[float], list[float]]:
+    """Seconds per run of ``a`` on ``xa`` and of ``b`` on ``xb``, timed alternately after one warm-up each."""
     feeds_a, feeds_b = {a.get_inputs()[0].name: xa}, {b.get_inputs()[0].name: xb}
     a.run(None, feeds_a)
     b.run(None, feeds_b)
@@ -57,7 +58,18 @@ def paired_median_s(
         t2 = time.perf_counter()
         ta.append(t1 - t0)
         tb.append(t2 - t1)
-    return statistics.median(ta), statistics.median(tb)
+    return ta, tb
+
+
+class PoolHead(nn.Module):
+    """A near-free stand-in backbone (global average pool + linear): the wrapper around it costs what the wrapper costs."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, K)
+        return self.fc(x.mean(dim=(2, 3)))
 
 
 def export_models(arch: str, size: int, classes: int, ttas: Sequence[str], workdir: Path) -> dict[str, Path]:
@@ -69,6 +81,9 @@ def export_models(arch: str, size: int, classes: int, ttas: Sequence[str], workd
     for tta in ttas:
         files[tta] = workdir / f"wrapped-{tta}.onnx"
         export_graph(LesionModel([CalibratedMember(backbone, 1.0)], tta_views(tta)), files[tta], size)
+        files[f"{tta}-wrapper-only"] = workdir / f"wrapper-only-{tta}.onnx"
+        only = LesionModel([CalibratedMember(PoolHead(classes), 1.0)], tta_views(tta))
+        export_graph(only, files[f"{tta}-wrapper-only"], size)
     files["none-fp16"] = workdir / "wrapped-none-fp16.onnx"
     half = CalibratedMember(copy.deepcopy(backbone), 1.0, fp16=True)
     export_graph(LesionModel([half], tta_views("none")), files["none-fp16"], size)
@@ -80,9 +95,9 @@ def bench(
     size: int = 224,
     classes: int = 7,
     ttas: Sequence[str] = ("none", "flips", "dihedral"),
-    batches: Sequence[int] = (1, 2, 4, 8, 16),
+    batches: Sequence[int] = (1, 2, 4, 8),
     max_images: int = 32,
-    repeats: int = 5,
+    repeats: int = 7,
     threads: int = 2,
     workdir: Path | None = None,
 ) -> dict[str, Any]:
@@ -93,7 +108,7 @@ def bench(
         ttas: TTA settings to time.
         batches: wrapper batch sizes to try; a size is skipped when views x batch exceeds ``max_images``.
         max_images: cap on backbone images per run, to keep the run short on a shared CPU.
-        repeats: timed runs per point (median reported).
+        repeats: timed runs per point (minimum reported, median kept).
         threads: ONNX Runtime intra-op threads.
         workdir: where the models go (default: a temporary folder, removed afterwards).
     """
@@ -106,19 +121,30 @@ def bench(
         for tta in ttas:
             views = len(tta_views(tta))
             wrapped = session(files[tta], threads)
+            only = session(files[f"{tta}-wrapper-only"], threads)
             for b in (b for b in batches if b * views <= max_images):
                 image = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
                 x = rng.standard_normal((b * views, 3, size, size)).astype(np.float32)
-                tw, tb = paired_median_s(wrapped, image, bare, x, repeats)
+                ta, tb = paired_times_s(wrapped, image, bare, x, repeats)
+                # On a shared CPU the fastest run is the one least disturbed by other processes, so the
+                # figures (and the overhead) use the minimum; the median is kept to show the spread.
+                tw, tbare = min(ta), min(tb)
+                # The wrapper's own work (cast, normalise, views, softmax, means) timed alone: milliseconds
+                # that many repeats measure well, unlike a small difference of two noisy seconds.
+                t_only = min(paired_times_s(only, image, only, image, 3 * repeats)[0])
                 rows.append(
                     {
                         "tta": tta,
                         "views": views,
                         "batch": b,
                         "wrapped_ms": tw * 1e3,
-                        "bare_ms": tb * 1e3,
+                        "bare_ms": tbare * 1e3,
+                        "wrapped_median_ms": statistics.median(ta) * 1e3,
+                        "bare_median_ms": statistics.median(tb) * 1e3,
                         "images_per_s": b / tw,
-                        "overhead_pct": (tw / tb - 1.0) * 100.0,
+                        "overhead_pct": (tw / tbare - 1.0) * 100.0,
+                        "wrapper_only_ms": t_only * 1e3,
+                        "wrapper_only_pct": t_only / tbare * 100.0,
                     }
                 )
                 log.info("%s", rows[-1])
@@ -154,19 +180,21 @@ def to_markdown(result: dict[str, Any]) -> str:
     """The figures as the tables in docs/export.md."""
     lines = [
         f"{result['arch']} at {result['size']}, ONNX Runtime {result['onnxruntime']} CPU EP, {result['threads']} threads,"
-        f" {result['cpu']} ({result['cpus']} cores), median of {result['repeats']};"
+        f" {result['cpu']} ({result['cpus']} cores), best of {result['repeats']} (median in brackets);"
         f" load average before {result['loadavg_before'][0]:.2f}, after {result['loadavg_after'][0]:.2f}",
         "",
-        "| TTA | views | batch | wrapped ms | bare backbone ms (views x batch) | images/s | overhead |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| TTA | views | batch | wrapped ms | bare backbone ms (views x batch) | images/s | overhead (best) |"
+        " wrapper alone ms | wrapper alone / bare |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['tta']} | {r['views']} | {r['batch']} | {r['wrapped_ms']:.1f} | {r['bare_ms']:.1f} |"
-        f" {r['images_per_s']:.2f} | {r['overhead_pct']:+.1f}% |"
+        f"| {r['tta']} | {r['views']} | {r['batch']} | {r['wrapped_ms']:.1f} ({r['wrapped_median_ms']:.0f})"
+        f" | {r['bare_ms']:.1f} ({r['bare_median_ms']:.0f}) |"
+        f" {r['images_per_s']:.2f} | {r['overhead_pct']:+.1f}% | {r['wrapper_only_ms']:.2f} | {r['wrapper_only_pct']:.2f}% |"
         for r in result["rows"]
     ]
     lines += ["", "| file | MB |", "|---|---:|"]
-    lines += [f"| {name} | {n / 1e6:.1f} |" for name, n in result["file_bytes"].items()]
+    lines += [f"| {name} | {n / 1e6:.1f} |" for name, n in result["file_bytes"].items() if "wrapper-only" not in name]
     return "\n".join(lines)
 
 
@@ -175,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--tta", default="none,flips,dihedral", help="comma-separated TTA settings")
-    p.add_argument("--batches", default="1,2,4,8,16", help="comma-separated wrapper batch sizes")
+    p.add_argument("--batches", default="1,2,4,8", help="comma-separated wrapper batch sizes")
     p.add_argument("--max-images", type=int, default=32, help="cap on views x batch per run")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", help="also write the figures as JSON here")
     args = p.parse_args(argv)

@@ -18,30 +18,15 @@ import onnx
 from export.wrappers import IMAGENET_MEAN, IMAGENET_STD, tta_views
 from service.contract import ModelMetadata
 from train.checkpoint import Checkpoint
+from train.data import DISPLAY_NAMES, HAM_DATASET
 
 # HAM10000's malignant classes: melanoma, basal cell carcinoma, actinic keratosis / Bowen's disease.
 DEFAULT_MALIGNANT = ("mel", "bcc", "akiec")
 
-HAM10000_NAMES = {
-    "akiec": "Actinic keratosis / Bowen's disease",
-    "bcc": "Basal cell carcinoma",
-    "bkl": "Benign keratosis-like lesion",
-    "df": "Dermatofibroma",
-    "mel": "Melanoma",
-    "nv": "Melanocytic nevus",
-    "vasc": "Vascular lesion",
-}
-
-HAM10000_FACTS = {
-    "name": "HAM10000 (ISIC 2018 Task 3 training set)",
-    "license": "CC BY-NC 4.0",
-    "citation": (
-        "Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of multi-source "
-        "dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018). "
-        "doi:10.1038/sdata.2018.161; Codella N. et al. Skin Lesion Analysis Toward Melanoma Detection 2018: "
-        "A Challenge Hosted by the International Skin Imaging Collaboration (ISIC). arXiv:1902.03368"
-    ),
-}
+ISIC_2018_CITATION = (
+    "Codella N. et al. Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the "
+    "International Skin Imaging Collaboration (ISIC). arXiv:1902.03368"
+)
 
 
 class ExportError(ValueError):
@@ -71,13 +56,19 @@ def check_members(ckpts: Sequence[Checkpoint], paths: Sequence[str | Path]) -> N
 
 
 def training_data(ckpts: Sequence[Checkpoint]) -> dict[str, str]:
-    """The training data's name, licence and citation; HAM10000's are filled in when a checkpoint names it."""
+    """The training data's name, licence and citation.
+
+    A checkpoint trained on HAM10000 gets its licence and both required citations (the data set's
+    and the ISIC 2018 challenge's) even when it stored only part of them.
+    """
     facts: list[dict[str, str]] = []
     for ckpt in ckpts:
-        d = dict(ckpt.dataset)
-        if "ham10000" in d.get("name", "").lower() or "ham10000" in str(ckpt.config.get("data", "")).lower():
-            d = {**HAM10000_FACTS, **{k: v for k, v in d.items() if v}}
-        facts.append({k: d.get(k, "") or "unknown" for k in ("name", "license", "citation")})
+        d = {k: v for k, v in ckpt.dataset.items() if v}
+        if "ham10000" in d.get("name", "").lower():
+            d = {**HAM_DATASET, **d}
+            if "1902.03368" not in d["citation"]:
+                d["citation"] = f"{d['citation']}; {ISIC_2018_CITATION}"
+        facts.append({k: d.get(k, "unknown") for k in ("name", "license", "citation")})
     if all(f == facts[0] for f in facts):
         return facts[0]
     return {k: " | ".join(dict.fromkeys(f[k] for f in facts)) for k in ("name", "license", "citation")}
@@ -150,7 +141,7 @@ def build_metadata(
     return ModelMetadata(
         classes=list(first.classes),
         # Checkpoints name their classes; HAM10000's codes fall back to their usual names.
-        class_names={c: names.get(c, HAM10000_NAMES.get(c, c)) for c in first.classes},
+        class_names={c: names.get(c, DISPLAY_NAMES.get(c, c)) for c in first.classes},
         malignant_classes=malignant,
         malignancy_threshold=malignancy_threshold,
         input_size=first.img_size,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from service.contract import INPUT_NAME
+from train.preprocess import center_crop_resize
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,7 @@ def load_images(paths: Sequence[Path], size: int) -> np.ndarray:
         bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if bgr is None:
             raise VerificationError(f"{p}: not a readable image")
-        h, w = bgr.shape[:2]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        square = bgr[top : top + side, left : left + side]
-        out.append(cv2.cvtColor(cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
+        out.append(center_crop_resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size))
     if not out:
         raise VerificationError("no verification images given")
     return np.ascontiguousarray(np.stack(out), dtype=np.uint8)
