@@ -16,6 +16,7 @@ from tests.conftest import TEST_DATA, shared_data
 from train import engine
 from train.__main__ import main as train_main
 from train.checkpoint import load_checkpoint
+from train.compare import table
 from train.config import load_config
 from train.evaluate import main as evaluate_main
 from train.run import run
@@ -172,3 +173,15 @@ def test_torchrun_two_cpu_ranks_agree(tmp_path: Path) -> None:
     assert len(lines) == 4 and len(set(lines)) == 2  # per epoch: one val loss shared by both ranks
     assert "world size 2" in proc.stderr
     assert load_checkpoint(tmp_path / "best.pt").temperature > 0
+
+
+def test_compare_same_split_only(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    text = table(list(two_runs))
+    rows = [line for line in text.splitlines() if "| focal |" in line]
+    assert len(rows) == 2 and rows[0].split("|")[3:] == rows[1].split("|")[3:]  # same seed: same figures
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text((two_runs[0] / "metrics.json").read_text())
+    (other / "split.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
+    with pytest.raises(ValueError, match="split differs"):
+        table([two_runs[0], other])
