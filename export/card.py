@@ -10,7 +10,11 @@ from export.parity import Check
 from service.contract import INPUT_NAME, OUTPUT_NAME, PREFIX, ModelMetadata
 
 
-def _metrics_lines(metrics: dict[str, Any]) -> list[str]:
+def _scalar(k: str, v: Any) -> str:
+    return f"- `{k}`: {v:.4f}" if isinstance(v, float) else f"- `{k}`: `{json.dumps(v)}`"
+
+
+def _metrics_lines(metrics: dict[str, Any], classes: Sequence[str]) -> list[str]:
     if not metrics:
         return ["No validation metrics were stored in the checkpoint(s)."]
     if "members" in metrics:
@@ -23,7 +27,27 @@ def _metrics_lines(metrics: dict[str, Any]) -> list[str]:
         lines += ["", "Per member:", ""]
         lines += [f"{i + 1}. `{json.dumps(m, sort_keys=True)}`" for i, m in enumerate(metrics["members"])]
         return lines
-    return [f"- `{k}`: {v:.4f}" if isinstance(v, float) else f"- `{k}`: `{json.dumps(v)}`" for k, v in metrics.items()]
+    tables = {"per_class", "confusion_matrix"}
+    lines = [_scalar(k, v) for k, v in metrics.items() if k not in tables]
+    per_class = metrics.get("per_class")
+    if isinstance(per_class, dict) and all(isinstance(r, dict) for r in per_class.values()):
+        order = ["precision", "recall", "f1", "support"]
+        cols = sorted(
+            {c for r in per_class.values() for c in r}, key=lambda c: (order.index(c) if c in order else 9, c)
+        )
+        lines += ["", "| class | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
+        lines += [
+            f"| `{c}` | "
+            + " | ".join(f"{r.get(k, 0):.3f}" if isinstance(r.get(k), float) else f"{r.get(k, '')}" for k in cols)
+            + " |"
+            for c, r in per_class.items()
+        ]
+    cm = metrics.get("confusion_matrix")
+    if isinstance(cm, list) and len(cm) == len(classes):
+        lines += ["", "Confusion matrix (rows: true class, columns: predicted):", ""]
+        lines += ["| | " + " | ".join(f"`{c}`" for c in classes) + " |", "|---" + "|---:" * len(classes) + "|"]
+        lines += [f"| `{c}` | " + " | ".join(str(x) for x in row) + " |" for c, row in zip(classes, cm, strict=True)]
+    return lines
 
 
 def render_card(meta: ModelMetadata, checks: Sequence[Check], *, file_name: str, size_bytes: int, opset: int) -> str:
@@ -87,7 +111,7 @@ def render_card(meta: ModelMetadata, checks: Sequence[Check], *, file_name: str,
         "",
         "## Validation metrics",
         "",
-        *_metrics_lines(meta.metrics),
+        *_metrics_lines(meta.metrics, meta.classes),
         "",
         "## Verification at export",
         "",
