@@ -12,6 +12,7 @@ Without ``--model`` a ResNet-50-shaped model is built with ``python -m tests.res
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -34,10 +35,17 @@ log = logging.getLogger("service.bench")
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000-600x450"
 
 
+class BenchError(RuntimeError):
+    """Something the user must fix; printed as one line."""
+
+
 def build_model(path: Path, width: int) -> Path:
-    if not path.exists():
-        log.info("building %s", path)
-        subprocess.run([sys.executable, "-m", "tests.resnet_onnx", str(path), "--width", str(width)], check=True)
+    if path.exists():
+        return path
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("tests.resnet_onnx") is None:
+        raise BenchError("no --model given and cannot build one here (needs the repository's tests/ and `onnx`)")
+    log.info("building %s", path)
+    subprocess.run([sys.executable, "-m", "tests.resnet_onnx", str(path), "--width", str(width)], check=True)
     return path
 
 
@@ -176,4 +184,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"lesionserve bench: {exc}", file=sys.stderr)
+        sys.exit(2)

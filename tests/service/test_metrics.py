@@ -71,3 +71,11 @@ def test_metrics_present_up_front(client_factory: ClientFactory) -> None:
     assert ("lesionserve_in_flight_requests", ()) in samples
     assert ("lesionserve_queue_depth", ()) in samples
     assert ("lesionserve_malignancy_flagged_total", ()) in samples
+
+
+def test_malignancy_flags_are_counted(client_factory: ClientFactory) -> None:
+    client = client_factory(malignancy_threshold=0.0)  # every score reaches a zero threshold
+    before = value(scrape(client), "lesionserve_malignancy_flagged_total")
+    for _ in range(2):
+        client.post("/v1/classify", content=jpeg_bytes(), headers={"content-type": "image/jpeg"})
+    assert value(scrape(client), "lesionserve_malignancy_flagged_total") - before == 2
