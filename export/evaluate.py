@@ -1,0 +1,158 @@
+"""Evaluate an exported ``.onnx`` file, the artifact users run, on a labelled set with ONNX Runtime.
+
+``python -m export.evaluate MODEL.onnx --data PATH [--split runs/x/split.json --part test]
+[--out DIR] [--target-sensitivity 0.9 --threshold-part val]``
+
+Unlike ``python -m train.evaluate`` (a checkpoint in PyTorch, no TTA), this measures the file
+with everything inside it: preprocessing, TTA views, temperature, ensemble mean. It also
+measures the malignancy score (sum of the malignant classes' probabilities) as a binary
+test: AUC, and sensitivity/specificity at the file's threshold, or picks the threshold that
+reaches a target sensitivity on another part of the split (validation, never test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from sklearn.metrics import roc_auc_score
+
+from export.metadata import read_metadata
+from service.contract import INPUT_NAME
+from train.data import DataError, LabelledSet, load_images, load_labelled
+from train.metrics import compute_metrics
+from train.report import plot_confusion, plot_reliability, plot_roc
+
+log = logging.getLogger(__name__)
+
+
+def onnx_probabilities(model: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``(N, K)`` probabilities of the file for uint8 ``(N, S, S, 3)`` images."""
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    out = [sess.run(None, {INPUT_NAME: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def malignancy_scores(probs: np.ndarray, classes: list[str], malignant: list[str]) -> np.ndarray:
+    idx = [classes.index(c) for c in malignant]
+    return probs[:, idx].sum(1)
+
+
+def operating_point(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Binary figures of ``score >= threshold`` against ``positive`` (a boolean per image)."""
+    flagged = scores >= threshold
+    tp, fn = int((flagged & positive).sum()), int((~flagged & positive).sum())
+    tn, fp = int((~flagged & ~positive).sum()), int((flagged & ~positive).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    both = 0 < positive.sum() < len(positive)
+    return {
+        "threshold": float(threshold),
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+        "positives": tp + fn,
+        "negatives": tn + fp,
+        "auc": float(roc_auc_score(positive, scores)) if both else None,
+    }
+
+
+def choose_threshold(scores: np.ndarray, positive: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold whose sensitivity is still >= the target (fewest false alarms)."""
+    if not 0 < target_sensitivity <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    pos = np.sort(scores[positive])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no malignant images to choose a threshold on")
+    k = int(np.ceil(target_sensitivity * len(pos)))  # flag at least k of the positives
+    return float(pos[k - 1])
+
+
+def select(data: LabelledSet, split: Path | None, part: str | None) -> LabelledSet:
+    """The images of one part of a ``split.json`` written by ``python -m train`` (all when none)."""
+    if split is None:
+        return data
+    parts = json.loads(split.read_text())
+    if part not in parts:
+        raise ValueError(f"{split}: no part {part!r}; it has {', '.join(parts)}")
+    wanted = set(parts[part])
+    idx = np.array([i for i, p in enumerate(data.paths) if p.stem in wanted], dtype=np.int64)
+    if len(idx) != len(wanted):
+        raise ValueError(f"{split}: {len(wanted) - len(idx)} images of part {part!r} are not in the data")
+    return data.subset(idx)
+
+
+def evaluate_onnx(
+    model: Path,
+    data: str | Path,
+    split: Path | None = None,
+    part: str | None = None,
+    out: Path | None = None,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Every metric of the file on one labelled set; plots into ``out`` when given."""
+    meta = read_metadata(model)
+    labelled = select(load_labelled(data, None, meta.classes), split, part)
+    images = load_images(labelled.paths, meta.input_size)
+    probs = onnx_probabilities(model, images)
+    labels = np.asarray(labelled.labels)
+    logp = np.log(np.clip(probs, 1e-12, 1.0))  # softmax(log p) == p: reuse train's metric code
+    m = compute_metrics(logp, labels, meta.classes)
+    m.pop("temperature", None)  # the file's temperature is inside the graph
+    pos = np.isin(labels, [meta.classes.index(c) for c in meta.malignant_classes])
+    scores = malignancy_scores(probs, meta.classes, meta.malignant_classes)
+    m["malignancy"] = operating_point(scores, pos, meta.malignancy_threshold if threshold is None else threshold)
+    m["model"] = {"name": meta.name, "version": meta.version, "tta": meta.tta}
+    m["data"] = {"source": str(data), "split": str(split) if split else None, "part": part}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(m, indent=2))
+        plot_confusion(m["confusion_matrix"], meta.classes, out / "confusion_matrix.png")
+        plot_roc(probs, labels, meta.classes, out / "roc.png")
+        plot_reliability(logp, labels, 1.0, out / "reliability.png")
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--data", required=True, help="HAM10000 folder/CSV, ImageFolder tree or ISIC CSV")
+    ap.add_argument("--split", type=Path, default=None, help="split.json written by python -m train")
+    ap.add_argument("--part", default="test", help="part of the split to evaluate (default test)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for metrics.json and plots")
+    ap.add_argument("--target-sensitivity", type=float, default=None,
+                    help="choose the malignancy threshold reaching this sensitivity on --threshold-part")  # fmt: skip
+    ap.add_argument("--threshold-part", default="val", help="part used to choose the threshold (default val)")
+    a = ap.parse_args(argv)
+    try:
+        threshold = None
+        if a.target_sensitivity is not None:
+            meta = read_metadata(a.model)
+            tune = select(load_labelled(a.data, None, meta.classes), a.split, a.threshold_part)
+            probs = onnx_probabilities(a.model, load_images(tune.paths, meta.input_size))
+            labels = np.asarray(tune.labels)
+            pos = np.isin(labels, [meta.classes.index(c) for c in meta.malignant_classes])
+            threshold = choose_threshold(malignancy_scores(probs, meta.classes, meta.malignant_classes), pos,
+                                         a.target_sensitivity)  # fmt: skip
+            log.info("threshold %.4f reaches sensitivity >= %.2f on part %r", threshold, a.target_sensitivity,
+                     a.threshold_part)  # fmt: skip
+        m = evaluate_onnx(a.model, a.data, a.split, a.part if a.split else None, a.out, threshold)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"export.evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in m.items() if k not in ("per_class", "confusion_matrix")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
