@@ -38,9 +38,11 @@ class FakeModel:
         self.batches: list[int] = []
         self.gate = threading.Event()  # cleared: run() blocks (lets tests pile up a queue)
         self.gate.set()
+        self.entered = threading.Event()  # set once run() has been called
         self.fail_all = False
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
         self.gate.wait(10)
         if self.delay_s:
             time.sleep(self.delay_s)

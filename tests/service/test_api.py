@@ -188,12 +188,20 @@ def test_503_overloaded_when_the_queue_is_full(client_factory: ClientFactory) ->
     client = client_factory(model=model, queue_size=1, max_batch_size=1)
     model.gate.clear()
     results: list[int] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(classify(client, jpeg_bytes()).status_code)) for _ in range(2)
-    ]
-    for t in threads:
-        t.start()
-        time.sleep(0.2)  # first: in run(); second: in the queue
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+
+    def send() -> None:
+        results.append(classify(client, jpeg_bytes()).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    model.entered.clear()  # warm-up already ran the model
+    threads[0].start()
+    assert model.entered.wait(5)  # first: inside run()
+    threads[1].start()
+    until = time.monotonic() + 5
+    while runtime.batcher.depth() < 1:  # second: waiting in the now full queue
+        assert time.monotonic() < until
+        time.sleep(0.01)
     resp = classify(client, jpeg_bytes())
     assert_problem(resp, 503, "overloaded")
     assert resp.headers["retry-after"] == "1"

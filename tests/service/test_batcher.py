@@ -80,21 +80,22 @@ def test_batch_sizes_padded_and_not() -> None:
 # --- Batcher with a fake model --------------------------------------------------------------------
 
 
-def make_batcher(model: FakeModel, **kwargs: object) -> Batcher:
+def make_batcher(model: FakeModel, start: bool = True, **kwargs: object) -> Batcher:
+    """A batcher on the fake model; ``start=False`` lets a test queue images before the worker runs."""
     options: dict[str, object] = {"max_batch": 8, "max_wait_s": 0.05, "queue_size": 64}
     options.update(kwargs)
     batcher = Batcher(model.run, SHAPE, **options)  # type: ignore[arg-type]
-    batcher.start()
+    if start:
+        batcher.start()
     return batcher
 
 
 def test_concurrent_submits_form_one_batch_and_rows_go_to_their_callers() -> None:
     model = FakeModel()
-    model.gate.clear()  # hold the worker so all six are queued before it collects
-    batcher = make_batcher(model)
+    batcher = make_batcher(model, start=False)  # all six are queued before the worker collects
     try:
         futures = [batcher.submit(image(red), far()) for red in (0, 50, 100, 150, 200, 250)]
-        model.gate.set()
+        batcher.start()
         results = [f.result(5) for f in futures]
     finally:
         batcher.close(5)
@@ -107,11 +108,10 @@ def test_concurrent_submits_form_one_batch_and_rows_go_to_their_callers() -> Non
 
 def test_max_batch_is_honoured() -> None:
     model = FakeModel()
-    model.gate.clear()
-    batcher = make_batcher(model, max_batch=4)
+    batcher = make_batcher(model, start=False, max_batch=4)
     try:
         futures = [batcher.submit(image(i), far()) for i in range(10)]
-        model.gate.set()
+        batcher.start()
         [f.result(5) for f in futures]
     finally:
         batcher.close(5)
@@ -139,7 +139,7 @@ def test_queue_full_raises_overloaded_with_retry_after() -> None:
     batcher = make_batcher(model, queue_size=2, max_batch=1)
     try:
         first = batcher.submit(image(1), far())
-        time.sleep(0.1)  # the worker takes it and blocks in run(); the queue is empty again
+        assert model.entered.wait(5)  # the worker took it and blocks in run(); the queue is empty again
         kept = [batcher.submit(image(2), far()), batcher.submit(image(3), far())]
         with pytest.raises(Overloaded) as err:
             batcher.submit(image(4), far())
@@ -156,7 +156,7 @@ def test_expired_requests_are_dropped_before_inference() -> None:
     batcher = make_batcher(model, max_batch=1)
     try:
         blocker = batcher.submit(image(1), far())
-        time.sleep(0.05)
+        assert model.entered.wait(5)
         expired = batcher.submit(image(2), time.monotonic() + 0.05)
         live = batcher.submit(image(3), far())
         time.sleep(0.15)  # the second one's deadline passes while the worker is busy
@@ -176,7 +176,7 @@ def test_cancelled_requests_are_skipped() -> None:
     batcher = make_batcher(model, max_batch=1)
     try:
         blocker = batcher.submit(image(1), far())
-        time.sleep(0.05)
+        assert model.entered.wait(5)
         gone: Future[Prediction] = batcher.submit(image(2), far())
         assert gone.cancel()
         model.gate.set()
@@ -189,11 +189,10 @@ def test_cancelled_requests_are_skipped() -> None:
 
 def test_a_bad_input_fails_only_its_own_request() -> None:
     model = FakeModel()
-    model.gate.clear()
-    batcher = make_batcher(model)
+    batcher = make_batcher(model, start=False)
     try:
         futures = [batcher.submit(image(red), far()) for red in (10, 13, 20)]  # 13 is poison
-        model.gate.set()
+        batcher.start()
         good_a, bad, good_b = futures
         with pytest.raises(InferenceFailed) as err:
             bad.result(5)
@@ -229,11 +228,10 @@ def test_wrong_array_is_refused_at_submit() -> None:
 
 def test_padding_runs_fixed_shapes_and_answers_real_rows() -> None:
     model = FakeModel()
-    model.gate.clear()
-    batcher = make_batcher(model, pad=True)
+    batcher = make_batcher(model, start=False, pad=True)
     try:
         futures = [batcher.submit(image(red), far()) for red in (10, 20, 30)]
-        model.gate.set()
+        batcher.start()
         results = [f.result(5) for f in futures]
     finally:
         batcher.close(5)

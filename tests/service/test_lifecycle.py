@@ -45,7 +45,10 @@ def test_failed_warm_up_keeps_the_service_not_ready(client_factory: ClientFactor
     model = FakeModel()
     model.fail_all = True
     client = client_factory(model=model, ready=False)
-    time.sleep(0.2)
+    until = time.monotonic() + 5
+    while client.get("/readyz").json()["status"] == "warming up":
+        assert time.monotonic() < until
+        time.sleep(0.01)
     resp = client.get("/readyz")
     assert resp.status_code == 503 and resp.json() == {"status": "warm-up failed"}
     assert client.get("/healthz").status_code == 200
