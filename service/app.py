@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Scope
 
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.inference import InferenceModel, OnnxModel
 from service.middleware import RequestContextMiddleware
-from service.routes import router
+from service.routes import CLASSIFY_ROUTE, router
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -63,5 +64,10 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
     app.state.runtime = runtime
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, draining=lambda: runtime.draining)
+
+    def audit(route: str, scope: Scope, status: int, elapsed_s: float) -> None:
+        if route == CLASSIFY_ROUTE:
+            runtime.audit_request(scope.get("state", {}), scope["headers"], status, elapsed_s)
+
+    app.add_middleware(RequestContextMiddleware, draining=lambda: runtime.draining, on_complete=audit)
     return app

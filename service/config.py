@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     pad_batches: Literal["auto", "on", "off"] = "auto"
     cuda_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit; 0 = no limit.")
     malignancy_threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the model's.")
+    audit_log: str = Field("-", description="Audit trail: '-' stderr, a file path to append to, or 'off'.")
+    audit_uid_key: SecretStr | None = Field(None, description="HMAC key for DICOM UIDs in the audit trail.")
+
+    @field_validator("audit_log")
+    @classmethod
+    def _audit_destination(cls, v: str) -> str:
+        if v not in ("-", "off") and not Path(v).parent.is_dir():
+            raise ValueError(f"audit log folder {Path(v).parent} does not exist")
+        return v
 
     @field_validator("model_path")
     @classmethod

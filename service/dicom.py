@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ from pydicom.pixels.processing import convert_color_space
 from pydicom.uid import UID
 
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.imaging import DecodedImage, center_crop_resize
+from service.schemas import DicomInfo
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,23 @@ def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
         frames=frames,
         identifiers=_identifiers(header),
     )
+
+
+def decode_dicom(data: bytes, size: int, max_pixels: int) -> DecodedImage:
+    """The ``application/dicom`` decoder of :mod:`service.media`: first frame -> model input.
+
+    Same crop and resize as JPEG/PNG uploads and as training; the answer carries the SOP class,
+    transfer syntax, frame count and the UIDs (no patient data).
+    """
+    start = time.perf_counter()
+    img = read_dicom(data, max_pixels=max_pixels)
+    info = DicomInfo(
+        sop_class_uid=img.sop_class_uid, sop_class_name=img.sop_class_name,
+        transfer_syntax_uid=img.transfer_syntax_uid, transfer_syntax_name=img.transfer_syntax_name,
+        frames=img.frames, identifiers=img.identifiers,
+    )  # fmt: skip
+    pixels = center_crop_resize(img.rgb, size)
+    return DecodedImage(pixels, img.width, img.height, "dicom", time.perf_counter() - start, dicom=info)
 
 
 def _read_meta(data: bytes) -> Dataset:

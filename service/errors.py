@@ -127,6 +127,7 @@ def problem_response(err: ServiceError, request: Request) -> JSONResponse:
     if err.reason is not None:
         REJECTIONS_TOTAL.labels(reason=err.reason).inc()
     request_id = getattr(request.state, "request_id", None)
+    request.state.problem_type = err.type_uri()
     return JSONResponse(
         err.problem(instance=request.url.path, request_id=request_id),
         status_code=err.status,
@@ -152,6 +153,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         slug, title = _HTTP_PROBLEMS.get(exc.status_code, ("http-error", "HTTP error"))
+        request.state.problem_type = PROBLEM_BASE + slug
         body = problem_body(
             exc.status_code, slug, title, str(exc.detail), request.url.path, getattr(request.state, "request_id", None)
         )

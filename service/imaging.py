@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from service.errors import InvalidImage, PayloadTooLarge
+from service.schemas import DicomInfo
 
 JPEG, PNG = "jpeg", "png"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +45,7 @@ class DecodedImage:
     height: int
     format: str
     decode_s: float
+    dicom: DicomInfo | None = None  # set by service.dicom.decode_dicom
 
 
 def sniff_format(data: bytes) -> str | None:

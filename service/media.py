@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from service.dicom import decode_dicom, is_dicom
 from service.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from service.fhir import diagnostic_report
 from service.imaging import DecodedImage, decode_image
 from service.schemas import ClassifyResponse
 
@@ -28,8 +31,23 @@ IMAGE_FIELD = "image"
 # Multipart parts often come labelled generically; their bytes are sniffed by the image decoder.
 _GENERIC = ("application/octet-stream", "")
 
-DECODERS: dict[str, Decoder] = {"image/jpeg": decode_image, "image/png": decode_image}
-RENDERERS: dict[str, Renderer] = {"application/json": lambda answer: JSONResponse(answer.model_dump(mode="json"))}
+DICOM = "application/dicom"
+FHIR_JSON = "application/fhir+json"
+
+
+def render_json(answer: ClassifyResponse) -> Response:
+    return JSONResponse(answer.model_dump(mode="json", exclude_none=True))
+
+
+def render_fhir(answer: ClassifyResponse) -> Response:
+    """A FHIR R4 DiagnosticReport; DICOM uploads link it to their study and accession."""
+    identifiers = answer.dicom.identifiers if answer.dicom is not None else None
+    report = diagnostic_report(answer, identifiers=identifiers, issued=datetime.now(UTC))
+    return JSONResponse(report, media_type=FHIR_JSON)
+
+
+DECODERS: dict[str, Decoder] = {"image/jpeg": decode_image, "image/png": decode_image, DICOM: decode_dicom}
+RENDERERS: dict[str, Renderer] = {"application/json": render_json, FHIR_JSON: render_fhir}
 DEFAULT_RENDERER = "application/json"
 
 
@@ -72,7 +90,9 @@ async def _multipart_image(headers: Headers, body: bytes) -> tuple[str, bytes]:
         raise BadRequest(f"multipart body has no file field {IMAGE_FIELD!r}")
     data = await part.read()
     part_type = _media_type(part.content_type)
-    return ("image/jpeg" if part_type in _GENERIC else part_type), data
+    if part_type in _GENERIC:  # sniff: DICOM has "DICM" at byte 128; else the image decoder sniffs
+        part_type = DICOM if is_dicom(data) else "image/jpeg"
+    return part_type, data
 
 
 async def pick_decoder(headers: Headers, body: bytes) -> tuple[Decoder, bytes]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import PROBLEM_CONTENT_TYPE, problem_body
+from service.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, problem_body
 
 log = logging.getLogger("service.access")
 
@@ -45,9 +45,15 @@ class RequestContextMiddleware:
             that the shutdown is about to close.
     """
 
-    def __init__(self, app: ASGIApp, draining: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        draining: Callable[[], bool] = lambda: False,
+        on_complete: Callable[[str, Scope, int, float], None] | None = None,
+    ) -> None:
         self.app = app
         self.draining = draining
+        self.on_complete = on_complete  # (route, scope, status, seconds): the audit trail
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,6 +91,13 @@ class RequestContextMiddleware:
             metrics.REQUESTS_TOTAL.labels(route=route, method=scope["method"], status=str(status)).inc()
             metrics.REQUEST_DURATION_SECONDS.labels(route=route).observe(elapsed)
             state = scope.get("state", {})
+            if status == 500 and "problem_type" not in state:
+                state["problem_type"] = PROBLEM_BASE + "internal"
+            if self.on_complete is not None:
+                try:
+                    self.on_complete(route, scope, status, elapsed)
+                except Exception:  # the audit must never turn an answered request into a failure
+                    log.exception("completion hook failed", extra={"request_id": request_id})
             log.info(
                 "request",
                 extra={

@@ -52,6 +52,7 @@ _CLASSIFY_BODY: dict[str, Any] = {
         "content": {
             "image/jpeg": _BINARY,
             "image/png": _BINARY,
+            "application/dicom": _BINARY,
             "multipart/form-data": {
                 "schema": {"type": "object", "properties": {"image": _BINARY["schema"]}, "required": ["image"]}
             },
@@ -75,21 +76,30 @@ _CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter()
 
 
+CLASSIFY_ROUTE = "/v1/classify"
+
+
 @router.post(
-    "/v1/classify",
+    CLASSIFY_ROUTE,
     response_model=ClassifyResponse,
     dependencies=[Depends(require_key)],
     openapi_extra=_CLASSIFY_BODY,
     responses=_CLASSIFY_ERRORS,
 )
 async def classify(request: Request, rt: RuntimeDep) -> Response:
-    """Classify one dermoscopic image: multipart field ``image`` or a raw JPEG/PNG body."""
+    """Classify one dermoscopic image: multipart field ``image`` or a raw JPEG, PNG or DICOM body.
+
+    ``Accept: application/fhir+json`` answers a FHIR R4 DiagnosticReport instead of the JSON below.
+    """
     start = time.perf_counter()
     render = pick_renderer(request.headers.get("accept"))  # 406 before any work is done
     async with rt.work() as deadline:
         body = await read_body(request, rt.settings.max_upload_bytes)
+        request.state.upload = body  # the audit line keeps its sha256 and length, never the bytes
         decoder, data = await pick_decoder(request.headers, body)
         decoded = await rt.decode(decoder, data)
+        if decoded.dicom is not None:
+            request.state.identifiers = decoded.dicom.identifiers
         prediction = await rt.predict(decoded, deadline)
     answer = build_answer(rt, request.state.request_id, decoded, prediction, time.perf_counter() - start)
     metrics.PREDICTIONS_TOTAL.labels(class_code=answer.top.code).inc()
@@ -117,6 +127,7 @@ def build_answer(
             total=round(total_s * 1000, 3),
         ),
         batch_size=prediction.batch_size,
+        dicom=decoded.dicom,
     )
 
 

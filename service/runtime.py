@@ -13,10 +13,12 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import cv2
 
 from service import metrics
+from service.audit import AuditLog
 from service.auth import ApiKeys
 from service.batcher import Batcher, Prediction
 from service.config import Settings
@@ -60,6 +62,8 @@ class Runtime:
         self.draining = False
         self.in_flight = 0
         self.warm_up_error: str | None = None
+        key = settings.audit_uid_key.get_secret_value().encode() if settings.audit_uid_key else None
+        self.audit = None if settings.audit_log == "off" else AuditLog(settings.audit_log, uid_key=key)
         metrics.MODEL_INFO.info(
             {"name": self.meta.name, "version": self.meta.version, "sha256": model.sha256, "provider": model.provider}
         )
@@ -89,6 +93,8 @@ class Runtime:
         """Stop taking new work: ``/readyz`` and new classify requests answer 503."""
         self.draining = True
         metrics.READY.set(0)
+        if self.audit is not None:
+            self.audit.close()
         log.info("draining: refusing new work", extra={"in_flight": self.in_flight, "queued": self.batcher.depth()})
 
     def idle(self) -> bool:
@@ -102,6 +108,25 @@ class Runtime:
                 return False
             time.sleep(0.02)
         return True
+
+    def audit_request(
+        self, state: dict[str, Any], headers: list[tuple[bytes, bytes]], status: int, elapsed_s: float
+    ) -> None:
+        """One audit line for a finished classify request (called by the request middleware).
+
+        The route leaves what it learnt in ``request.state`` (``upload``, ``identifiers``), the
+        error mapping leaves ``problem_type``; a request refused before the route (auth) has
+        neither and is audited all the same.
+        """
+        if self.audit is None:
+            return
+        content_type = next((v.decode("latin-1") for k, v in headers if k == b"content-type"), None)
+        model = {"name": self.meta.name, "version": self.meta.version, "sha256": self.model.sha256}
+        self.audit.record(
+            request_id=state.get("request_id", ""), key_id=state.get("key_id"), model=model if status < 400 else None,
+            body=state.get("upload"), content_type=content_type, status=status,
+            problem_type=state.get("problem_type"), latency_ms=elapsed_s * 1000, identifiers=state.get("identifiers"),
+        )  # fmt: skip
 
     def close(self) -> None:
         self.batcher.close(timeout=self.settings.shutdown_grace_s)

@@ -44,6 +44,19 @@ class Timing(BaseModel):
     total: float
 
 
+class DicomInfo(BaseModel):
+    """What a DICOM upload was; identifiers are UIDs and the Accession Number, never patient data."""
+
+    sop_class_uid: str
+    sop_class_name: str
+    transfer_syntax_uid: str
+    transfer_syntax_name: str
+    frames: int = Field(description="Frames in the object; the first one is classified")
+    identifiers: dict[str, str] = Field(
+        description="StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, AccessionNumber when present"
+    )
+
+
 class ClassifyResponse(BaseModel):
     request_id: str
     model: ModelRef
@@ -53,6 +66,7 @@ class ClassifyResponse(BaseModel):
     image: ImageInfo
     timing_ms: Timing
     batch_size: int = Field(description="Images in the inference batch this one ran in")
+    dicom: DicomInfo | None = Field(None, description="Present when the upload was DICOM")
 
 
 class ModelInfo(BaseModel):
