@@ -122,6 +122,75 @@ def evaluate_onnx(
     return m
 
 
+CARD_START, CARD_END = "<!-- held-out evaluation: start -->", "<!-- held-out evaluation: end -->"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def card_section(m: dict[str, Any], classes: list[str], plots: dict[str, str]) -> str:
+    """Markdown for the model card: the file's own measured figures on held-out images."""
+    mal = m["malignancy"]
+    d = m["data"]
+    where = f"part `{d['part']}` of `{d['split']}`" if d["split"] else "all images"
+    lines = [
+        CARD_START,
+        "## Held-out evaluation of this file",
+        "",
+        f"Measured with `python -m export.evaluate` on {m['n']} images ({where} of `{d['source']}`): the",
+        "exported file itself in ONNX Runtime, with its TTA views and temperature, as the service runs it.",
+        "",
+        "| balanced accuracy | accuracy | macro-F1 | AUC (macro, one-vs-rest) | top-2 | ECE (15 bins) | NLL |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {m['balanced_accuracy']:.4f} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {_pct(m['auc_macro'])}"
+        f" | {m['top2_accuracy']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} |",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{c}` | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+        for c, r in m["per_class"].items()
+    ]
+    lines += [
+        "",
+        "Confusion matrix (rows: true class, columns: predicted):",
+        "",
+        "| | " + " | ".join(f"`{c}`" for c in classes) + " |",
+        "|---" + "|---:" * len(classes) + "|",
+        *[
+            f"| `{c}` | " + " | ".join(map(str, row)) + " |"
+            for c, row in zip(classes, m["confusion_matrix"], strict=True)
+        ],
+        "",
+        "### Malignancy operating point",
+        "",
+        f"Score = sum of the malignant classes' probabilities; flagged when score >= {mal['threshold']:.4f}.",
+        "",
+        "| threshold | sensitivity | specificity | PPV | NPV | malignant | benign | AUC |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {mal['threshold']:.4f} | {_pct(mal['sensitivity'])} | {_pct(mal['specificity'])} | {_pct(mal['ppv'])}"
+        f" | {_pct(mal['npv'])} | {mal['positives']} | {mal['negatives']} | {_pct(mal['auc'])} |",
+        "",
+        *[f"![{name}]({path})" for name, path in plots.items()],
+        CARD_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_card(card: Path, section: str) -> None:
+    """Insert or replace the held-out section of a model card (everything else is left alone)."""
+    text = card.read_text() if card.exists() else ""
+    if CARD_START in text and CARD_END in text:
+        head, rest = text.split(CARD_START, 1)
+        tail = rest.split(CARD_END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__.split("\n\n")[0])
@@ -133,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-sensitivity", type=float, default=None,
                     help="choose the malignancy threshold reaching this sensitivity on --threshold-part")  # fmt: skip
     ap.add_argument("--threshold-part", default="val", help="part used to choose the threshold (default val)")
+    ap.add_argument("--card", type=Path, default=None,
+                    help="model card to add the held-out section to (plots go beside it; needs --out)")  # fmt: skip
     a = ap.parse_args(argv)
     try:
         threshold = None
@@ -147,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info("threshold %.4f reaches sensitivity >= %.2f on part %r", threshold, a.target_sensitivity,
                      a.threshold_part)  # fmt: skip
         m = evaluate_onnx(a.model, a.data, a.split, a.part if a.split else None, a.out, threshold)
+        if a.card is not None:
+            if a.out is None:
+                raise ValueError("--card needs --out (the plots it links)")
+            rel = {n: f"{a.out.resolve().relative_to(a.card.resolve().parent)}/{n}.png"
+                   for n in ("confusion_matrix", "reliability", "roc")}  # fmt: skip
+            update_card(a.card, card_section(m, read_metadata(a.model).classes, rel))
     except (DataError, ValueError, OSError) as exc:
         print(f"export.evaluate: {exc}", file=sys.stderr)
         return 2

@@ -53,3 +53,20 @@ def test_cli_refuses_unknown_split_part(tmp_path: Path, capsys: pytest.CaptureFi
     split.write_text('{"train": [], "val": []}')
     assert main([str(model), "--data", str(TEST_DATA / "isic"), "--split", str(split), "--part", "test"]) == 2
     assert "no part 'test'" in capsys.readouterr().err
+
+
+def test_card_section_is_inserted_once_and_replaced(tmp_path: Path) -> None:
+    from export.evaluate import card_section, update_card
+
+    classes = ["melanoma", "nevus"]
+    model = make_tiny_onnx(tmp_path / "m.onnx", size=32, classes=classes,
+                           metadata=contract_metadata(classes, 32, malignant_classes=["melanoma"]))  # fmt: skip
+    m = evaluate_onnx(model, TEST_DATA / "isic")
+    card = tmp_path / "m.md"
+    card.write_text("# Model card\n\nintro\n")
+    update_card(card, card_section(m, classes, {"roc": "eval/roc.png"}))
+    update_card(card, card_section(m, classes, {"roc": "eval/roc.png"}))
+    text = card.read_text()
+    assert text.startswith("# Model card\n\nintro\n")
+    assert text.count("## Held-out evaluation of this file") == 1
+    assert f"| {m['balanced_accuracy']:.4f} |" in text and "![roc](eval/roc.png)" in text
