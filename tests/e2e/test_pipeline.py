@@ -57,13 +57,15 @@ def service_url(exported: Path) -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "LESIONSERVE_MODEL_PATH": str(exported), "LESIONSERVE_HOST": "127.0.0.1",
            "LESIONSERVE_PORT": str(port), "LESIONSERVE_LOG_FORMAT": "text"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    log = exported.parent / "service.log"  # a file, not a pipe: an unread pipe would block the server
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert proc.poll() is None, f"service exited early:\n{proc.stdout.read() if proc.stdout else ''}"
+            assert proc.poll() is None, f"service exited early:\n{log.read_text()[-3000:]}"
             try:
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                     break
