@@ -21,7 +21,7 @@ from train.checkpoint import Checkpoint
 from train.data import DISPLAY_NAMES, HAM_DATASET
 
 # HAM10000's malignant classes: melanoma, basal cell carcinoma, actinic keratosis / Bowen's disease.
-DEFAULT_MALIGNANT = ("mel", "bcc", "akiec")
+DEFAULT_MALIGNANT = ("mel", "bcc", "akiec", "scc", "melanoma")  # HAM10000, ISIC 2019, ISIC Archive labels
 
 ISIC_2018_CITATION = (
     "Codella N. et al. Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the "
@@ -125,7 +125,7 @@ def build_metadata(
         fp16: the backbones run in float16.
         malignancy_threshold: operating point; default the first member's ``metrics["malignancy_threshold"]``
             when training chose one, else 0.5.
-        malignant_classes: codes summed into the malignancy score; default mel, bcc, akiec when present.
+        malignant_classes: codes summed into the malignancy score; default mel, bcc, akiec (and scc, melanoma) when present.
     """
     first = ckpts[0]
     malignant = (

@@ -14,17 +14,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.contract import ModelMetadata
-
-HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-HAM_NAMES = {
-    "akiec": "Actinic keratosis / Bowen's disease",
-    "bcc": "Basal cell carcinoma",
-    "bkl": "Benign keratosis-like lesion",
-    "df": "Dermatofibroma",
-    "mel": "Melanoma",
-    "nv": "Melanocytic nevus",
-    "vasc": "Vascular lesion",
-}
+from train.data import DISPLAY_NAMES as HAM_NAMES
+from train.data import HAM_CLASSES
 
 
 def contract_metadata(classes: list[str], size: int, **overrides: object) -> dict[str, str]:

@@ -94,6 +94,9 @@ def test_every_image_classifies_through_http(service_url: str, isic_images: list
         assert probs == sorted(probs, reverse=True)
         assert body["top"] == body["predictions"][0]
         assert body["model"]["name"] == "e2e" and len(body["model"]["sha256"]) == 64
+        assert body["malignancy"]["classes"] == ["melanoma"]  # ISIC Archive label, malignant by default
+        melanoma = next(p["probability"] for p in body["predictions"] if p["code"] == "melanoma")
+        assert abs(body["malignancy"]["score"] - melanoma) < 1e-6
         seen_tops.add(round(probs[0], 6))
     assert len(seen_tops) > 1, "every image got the same answer: the pixels do not reach the model"
 
