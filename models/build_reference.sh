@@ -58,6 +58,41 @@ rm -f "$RUN/tmp.onnx" "$RUN/tmp.md"
   --out models/reference-eval --card models/reference.md
 cp "$RUN/split.json" models/reference-eval/split.json
 cp "$RUN/config.yaml" models/reference-eval/train-config.yaml
-cp "$RUN/report.md" models/reference-eval/train-report.md
 cp "$RUN/curves.png" models/reference-eval/train-curves.png
 cp "$RUN/reliability.png" models/reference-eval/train-reliability.png
+
+# 4. The card's "How it was made" section: the exact commands and training's own table
+#    (PyTorch, no TTA), which holds ECE before/after the fitted temperature.
+"$PY" - "$RUN" "$DATA" "$THRESHOLD" "$TARGET_SENSITIVITY" >> models/reference.md <<'PY'
+import sys
+from pathlib import Path
+
+run, data, threshold, target = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+report = (run / "report.md").read_text().splitlines()
+table = [line for line in report if line.startswith("|")][:6]  # the summary table comes first
+print(f"""
+## How it was made
+
+Trained, exported and measured by this repository's own pipeline, on CPU (no GPU was available):
+`bash models/build_reference.sh {data}` runs, with seed 0 (resolved config:
+[reference-eval/train-config.yaml](reference-eval/train-config.yaml), split: [reference-eval/split.json](reference-eval/split.json)):
+
+```
+python -m train --data {data} --arch resnet18 --img-size 112 --loss weighted_ce --label-smoothing 0.05 \\
+  --epochs 18 --batch-size 64 --lr 0.002 --seed 0 --out {run} --no-progress
+python -m export {run}/best.pt --out models/reference.onnx --tta dihedral --name reference --version 1.0.0 \\
+  --malignancy-threshold {threshold}
+python -m export.evaluate models/reference.onnx --data {data} --split {run}/split.json --part test \\
+  --out models/reference-eval --card models/reference.md
+```
+
+Split: HAM10000 grouped by `lesion_id` (no lesion on two sides), stratified by class, 70/15/15
+train/validation/test. Model selection (best epoch) and the temperature used validation only.
+The malignancy threshold {threshold} is the highest one reaching sensitivity >= {target} on validation
+(the held-out figures above are on test). Training's own figures (PyTorch, no TTA), with the
+expected calibration error before (T=1) and after the fitted temperature:
+
+""" + "\n".join(table) + """
+
+![training curves](reference-eval/train-curves.png) ![reliability before/after temperature](reference-eval/train-reliability.png)""")
+PY

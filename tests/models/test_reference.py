@@ -1,0 +1,109 @@
+"""The bundled reference model: loads, carries the full contract, answers sanely, and its card tells the truth."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from service.contract import PREFIX, ModelMetadata
+from tests.conftest import REPO, TEST_DATA
+
+MODEL = REPO / "models" / "reference.onnx"
+CARD = REPO / "models" / "reference.md"
+EVAL = REPO / "models" / "reference-eval" / "metrics.json"
+
+
+@pytest.fixture(scope="module")
+def meta() -> ModelMetadata:
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    props = sess.get_modelmeta().custom_metadata_map
+    assert set(props) >= {PREFIX + k for k in ModelMetadata.REQUIRED}
+    return ModelMetadata.from_props(props, source=str(MODEL))
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    settings = Settings(model_path=MODEL, providers="CPUExecutionProvider", log_format="text", audit_log="off")
+    with TestClient(create_app(settings)) as c:
+        for _ in range(200):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        yield c
+
+
+def test_file_is_bundled_and_small_enough() -> None:
+    assert MODEL.is_file() and MODEL.stat().st_size < 100 * 1024 * 1024
+
+
+def test_metadata_is_complete_and_describes_ham10000(meta: ModelMetadata) -> None:
+    assert meta.name == "reference"
+    assert meta.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert meta.malignant_classes == ["mel", "bcc", "akiec"]
+    assert meta.tta == ["identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"]
+    assert meta.training_data["license"] == "CC BY-NC 4.0" and "Tschandl" in meta.training_data["citation"]
+    assert 0 < meta.malignancy_threshold < 1 and len(meta.weights_sha256) == 64
+    assert meta.metrics["balanced_accuracy"] > 1 / len(meta.classes)  # better than chance on validation
+
+
+def test_valid_probabilities_on_real_images(client: TestClient, isic_images: list[Path]) -> None:
+    for path in isic_images:
+        r = client.post("/v1/classify", content=path.read_bytes(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        probs = np.array([p["probability"] for p in r.json()["predictions"]])
+        assert np.all((probs >= 0) & (probs <= 1)) and abs(probs.sum() - 1) < 1e-4
+
+
+def test_same_image_twice_gives_the_same_answer(client: TestClient, isic_images: list[Path]) -> None:
+    data = isic_images[0].read_bytes()
+    a, b = (client.post("/v1/classify", files={"image": ("x.jpg", data, "image/jpeg")}).json() for _ in range(2))
+    assert a["predictions"] == b["predictions"] and a["malignancy"] == b["malignancy"]
+
+
+def test_models_endpoint_shows_the_card_facts(client: TestClient, meta: ModelMetadata) -> None:
+    info = client.get("/v1/models").json()["models"][0]
+    assert info["name"] == "reference" and info["metrics"]["balanced_accuracy"] == meta.metrics["balanced_accuracy"]
+    assert info["training_data"]["license"] == "CC BY-NC 4.0"
+    assert info["malignancy_threshold"] == meta.malignancy_threshold
+
+
+def _card_number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"card lacks {pattern!r}"
+    return float(m.group(1))
+
+
+def test_card_numbers_match_the_metadata_and_the_evaluation(meta: ModelMetadata) -> None:
+    card = CARD.read_text()
+    assert f"`{meta.weights_sha256}`" in card
+    assert _card_number(r"operating threshold ([0-9]+\.[0-9]+)", card) == pytest.approx(
+        meta.malignancy_threshold, abs=1e-4
+    )
+    assert _card_number(r"- `balanced_accuracy`: ([0-9.]+)", card) == pytest.approx(
+        meta.metrics["balanced_accuracy"], abs=5e-5
+    )
+    assert f"resnet18 (T={meta.temperature[0]:.3g})" in card
+    held_out = json.loads(EVAL.read_text())
+    row = f"| {held_out['balanced_accuracy']:.4f} | {held_out['accuracy']:.4f} | {held_out['macro_f1']:.4f} |"
+    assert row in card
+    mal = held_out["malignancy"]
+    assert mal["threshold"] == pytest.approx(meta.malignancy_threshold, abs=1e-4)
+    assert f"| {mal['threshold']:.4f} | {mal['sensitivity']:.3f} | {mal['specificity']:.3f} |" in card
+    for plot in re.findall(r"\]\((reference-eval/[^)]+\.png)\)", card):
+        assert (CARD.parent / plot).is_file(), plot
+
+
+def test_committed_cc0_image_lists_are_what_the_readme_uses() -> None:
+    readme = (REPO / "README.md").read_text()
+    for path in re.findall(r"@(tests/data/[^\s]+\.(?:jpg|dcm))", readme):
+        assert (REPO / path).is_file(), path
+    assert (TEST_DATA / "isic" / "melanoma" / "ISIC_0000160.jpg").is_file()
