@@ -30,7 +30,7 @@ test-deps: $(VENV)/.test-stamp
 
 ## make run: serve the bundled reference model on $(HOST):$(PORT)
 run:
-	@test -f $(MODEL) || { echo "lesionserve: $(MODEL) is missing; make it with 'python -m train' then 'python -m export CKPT --out $(MODEL)' (see README, 'Reference model'), or set MODEL=path/to/model.onnx"; exit 1; }
+	@test -f $(MODEL) || { echo "lesionserve: $(MODEL) is missing; make it with 'python -m train' then 'python -m export CKPT --out $(MODEL)' (models/build_reference.sh does all of it), or set MODEL=path/to/model.onnx"; exit 1; }
 	@$(MAKE) --no-print-directory serve-deps
 	LESIONSERVE_MODEL_PATH=$(MODEL) LESIONSERVE_HOST=$(HOST) LESIONSERVE_PORT=$(PORT) $(BIN)/python -m service
 
