@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma list of id:key; empty with no file = auth off.")
     api_keys_file: Path | None = None
     metrics_auth: bool = False
+    metrics_only_key_ids: str = Field(
+        "", description="Comma list of key ids that may read /metrics only (scrapers): elsewhere 403."
+    )
     shutdown_grace_s: float = Field(20.0, ge=0.0, le=3600.0)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
@@ -106,8 +109,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _keys_parse(self) -> Settings:
-        self.key_table()  # refuse malformed keys at start, not on the first request
+        keys = self.key_table()  # refuse malformed keys at start, not on the first request
+        unknown = sorted(set(self.metrics_only_ids) - set(keys))
+        if unknown:
+            raise ValueError(f"metrics_only_key_ids names keys that do not exist: {', '.join(unknown)}")
         return self
+
+    @property
+    def metrics_only_ids(self) -> set[str]:
+        return set(_split(self.metrics_only_key_ids))
 
     @property
     def provider_list(self) -> list[str]:

@@ -41,7 +41,7 @@ def require_key(request: Request, rt: RuntimeDep) -> None:
 
 def require_metrics_key(request: Request, rt: RuntimeDep) -> None:
     if rt.settings.metrics_auth:
-        require_key(request, rt)
+        request.state.key_id = rt.keys.identify(request.headers.get("authorization"), metrics=True)
 
 
 _PROBLEM: dict[str, Any] = {"content": {PROBLEM_CONTENT_TYPE: {}}}
@@ -65,6 +65,7 @@ _CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
     for code, desc in [
         (400, "Undecodable image or malformed body"),
         (401, "Missing or invalid API key"),
+        (403, "API key not allowed here (a metrics-only key)"),
         (406, "No acceptable response format"),
         (413, "Too many bytes or pixels"),
         (415, "Unsupported content type"),

@@ -48,7 +48,7 @@ class Runtime:
             if settings.malignancy_threshold is not None
             else model.metadata.malignancy_threshold
         )
-        self.keys = ApiKeys(settings.key_table())
+        self.keys = ApiKeys(settings.key_table(), settings.metrics_only_ids)
         self.batcher = Batcher(
             model.run,
             (self.size, self.size, 3),

@@ -88,3 +88,21 @@ def test_malformed_keys_are_refused_without_echoing_them(text: str, message: str
     with pytest.raises(ValueError, match=message) as err:
         parse_api_keys(text, "LESIONSERVE_API_KEYS")
     assert KEY_A not in str(err.value)
+
+
+def test_metrics_only_key_gets_403_elsewhere_and_reads_metrics(client_factory: ClientFactory) -> None:
+    client = client_factory(api_keys=f"app:{KEY_A},scraper:{KEY_B}", metrics_only_key_ids="scraper", metrics_auth=True)
+    assert classify(client, KEY_A) == 200
+    refused = client.post("/v1/classify", content=jpeg_bytes(),
+                          headers={"content-type": "image/jpeg", "authorization": f"Bearer {KEY_B}"})  # fmt: skip
+    assert refused.status_code == 403 and refused.json()["type"].endswith("/forbidden")
+    assert KEY_B not in refused.text
+    assert client.get("/v1/models", headers={"authorization": f"Bearer {KEY_B}"}).status_code == 403
+    assert client.get("/metrics", headers={"authorization": f"Bearer {KEY_B}"}).status_code == 200
+    assert client.get("/metrics", headers={"authorization": f"Bearer {KEY_A}"}).status_code == 200
+    assert client.get("/metrics").status_code == 401
+
+
+def test_metrics_only_ids_must_name_existing_keys(settings_factory: Callable[..., object]) -> None:
+    with pytest.raises(ValueError, match="do not exist: ghost"):
+        settings_factory(api_keys=f"app:{KEY_A}", metrics_only_key_ids="ghost")
