@@ -15,6 +15,7 @@ PY=${PY:-.venv/bin/python}
 MODEL=models/reference.onnx
 VERSION=${VERSION:-1.0.0}
 TARGET_SENSITIVITY=${TARGET_SENSITIVITY:-0.85}
+EPOCHS=${EPOCHS:-18}
 
 # 1. Train: ResNet-18 at 112 px, class-weighted CE (the loss that moved balanced accuracy in the
 #    loss comparison of docs/training.md), lesion-grouped 70/15/15 split, best epoch on
@@ -23,7 +24,7 @@ if [ "${SKIP_TRAIN:-0}" = 1 ] && [ -f "$RUN/best.pt" ]; then
   echo "SKIP_TRAIN=1: using the existing $RUN/best.pt"
 else
 "$PY" -m train --data "$DATA" --arch resnet18 --img-size 112 --loss weighted_ce --label-smoothing 0.05 \
-  --epochs 18 --batch-size 64 --lr 0.002 --seed 0 --out "$RUN" --no-progress
+  --epochs "$EPOCHS" --batch-size 64 --lr 0.002 --seed 0 --out "$RUN" --no-progress
 fi
 
 # 2. Export once to measure the file on validation and choose the malignancy threshold there
@@ -63,11 +64,11 @@ cp "$RUN/reliability.png" models/reference-eval/train-reliability.png
 
 # 4. The card's "How it was made" section: the exact commands and training's own table
 #    (PyTorch, no TTA), which holds ECE before/after the fitted temperature.
-"$PY" - "$RUN" "$DATA" "$THRESHOLD" "$TARGET_SENSITIVITY" >> models/reference.md <<'PY'
+"$PY" - "$RUN" "$DATA" "$THRESHOLD" "$TARGET_SENSITIVITY" "$EPOCHS" >> models/reference.md <<'PY'
 import sys
 from pathlib import Path
 
-run, data, threshold, target = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+run, data, threshold, target, epochs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 report = (run / "report.md").read_text().splitlines()
 table = [line for line in report if line.startswith("|")][:6]  # the summary table comes first
 print(f"""
@@ -79,7 +80,7 @@ Trained, exported and measured by this repository's own pipeline, on CPU (no GPU
 
 ```
 python -m train --data {data} --arch resnet18 --img-size 112 --loss weighted_ce --label-smoothing 0.05 \\
-  --epochs 18 --batch-size 64 --lr 0.002 --seed 0 --out {run} --no-progress
+  --epochs {epochs} --batch-size 64 --lr 0.002 --seed 0 --out {run} --no-progress
 python -m export {run}/best.pt --out models/reference.onnx --tta dihedral --name reference --version 1.0.0 \\
   --malignancy-threshold {threshold}
 python -m export.evaluate models/reference.onnx --data {data} --split {run}/split.json --part test \\
