@@ -5,7 +5,7 @@
 #
 #   bash models/build_reference.sh [DATA_DIR] [RUN_DIR]
 #
-# DATA_DIR defaults to ../shared/data/ham10000 (HAM10000_metadata.csv + images). About 45 min
+# DATA_DIR defaults to ../shared/data/ham10000 (HAM10000_metadata.csv + images). About 50 min
 # on a 2-core CPU when nothing else runs; minutes on a GPU (add --device cuda to the train step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ PY=${PY:-.venv/bin/python}
 MODEL=models/reference.onnx
 VERSION=${VERSION:-1.0.0}
 TARGET_SENSITIVITY=${TARGET_SENSITIVITY:-0.85}
-EPOCHS=${EPOCHS:-18}
+EPOCHS=${EPOCHS:-30}
 
 # 1. Train: ResNet-18 at 112 px, class-weighted CE (the loss that moved balanced accuracy in the
 #    loss comparison of docs/training.md), lesion-grouped 70/15/15 split, best epoch on
