@@ -150,13 +150,19 @@ def test_queue_full_raises_overloaded_with_retry_after() -> None:
         batcher.close(5)
 
 
-def test_expired_requests_are_dropped_before_inference() -> None:
+def busy_batcher() -> tuple[FakeModel, Batcher, Future[Prediction]]:
+    """A max-batch-1 batcher whose worker is blocked inside run() on a first request."""
     model = FakeModel()
     model.gate.clear()
     batcher = make_batcher(model, max_batch=1)
+    blocker = batcher.submit(image(1), far())
+    assert model.entered.wait(5)
+    return model, batcher, blocker
+
+
+def test_expired_requests_are_dropped_before_inference() -> None:
+    model, batcher, blocker = busy_batcher()
     try:
-        blocker = batcher.submit(image(1), far())
-        assert model.entered.wait(5)
         expired = batcher.submit(image(2), time.monotonic() + 0.05)
         live = batcher.submit(image(3), far())
         time.sleep(0.15)  # the second one's deadline passes while the worker is busy
@@ -171,12 +177,8 @@ def test_expired_requests_are_dropped_before_inference() -> None:
 
 
 def test_cancelled_requests_are_skipped() -> None:
-    model = FakeModel()
-    model.gate.clear()
-    batcher = make_batcher(model, max_batch=1)
+    model, batcher, blocker = busy_batcher()
     try:
-        blocker = batcher.submit(image(1), far())
-        assert model.entered.wait(5)
         gone: Future[Prediction] = batcher.submit(image(2), far())
         assert gone.cancel()
         model.gate.set()
