@@ -1,8 +1,8 @@
 """``python -m service``: validate settings, load the model, serve with uvicorn (one worker).
 
-SIGTERM drains: ``/readyz`` turns 503 and new work is refused at once, queued and in-flight
-requests finish (up to ``SHUTDOWN_GRACE_S``), then the server stops. A second signal stops
-at once. Start-up errors print one line and exit 2.
+SIGTERM (or SIGINT, Ctrl-C) drains: ``/readyz`` turns 503 and new work is refused at once, queued
+and in-flight requests finish (up to ``SHUTDOWN_GRACE_S``), then the server stops. A second signal
+stops at once. Start-up errors print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ log = logging.getLogger("service")
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM drains the runtime before the usual shutdown."""
+    """uvicorn.Server whose first SIGTERM or SIGINT drains the runtime before the usual shutdown."""
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
@@ -34,11 +34,15 @@ class DrainingServer(uvicorn.Server):
         self._drain: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self._drain is None:
+        if sig in (signal.SIGTERM, signal.SIGINT) and self._drain is None:
             self.runtime.begin_drain()
             self._drain = threading.Thread(target=self._drain_then_exit, name="lesionserve-drain", daemon=True)
             self._drain.start()
             return
+        if self._drain is not None:
+            # A second signal means "now": uvicorn's own graceful shutdown would otherwise wait
+            # up to another grace period for the very requests the operator gave up on.
+            self.force_exit = True
         super().handle_exit(sig, frame)
 
     def _drain_then_exit(self) -> None:
