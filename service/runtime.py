@@ -154,22 +154,31 @@ class Runtime:
             self.in_flight -= 1
 
     async def decode(self, decoder: Decoder, data: bytes) -> DecodedImage:
-        """Decode in the pool; the batcher is told an image is coming so it may wait for it."""
+        """Decode in the pool; the batcher is told an image is coming so it may wait for it.
+
+        The image stays announced until :meth:`predict` has queued it (or the decode fails):
+        retracting it before the queue holds it would let the batcher see "nothing coming,
+        queue empty" in between and run a batch without it. Call :meth:`predict` next.
+        """
         self.batcher.expect(+1)
         try:
             loop = asyncio.get_running_loop()
             decoded = await loop.run_in_executor(self._pool, decoder, data, self.size, self.settings.max_pixels)
-        finally:
+        except BaseException:
             self.batcher.expect(-1)
+            raise
         metrics.DECODE_DURATION_SECONDS.observe(decoded.decode_s)
         return decoded
 
     async def predict(self, decoded: DecodedImage, deadline: float) -> Prediction:
-        """Queue for batched inference and wait, at most until ``deadline``."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("the request deadline passed before inference")
-        future = self.batcher.submit(decoded.pixels, deadline)
+        """Queue a :meth:`decode` result for batched inference and wait, at most until ``deadline``."""
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the request deadline passed before inference")
+            future = self.batcher.submit(decoded.pixels, deadline)
+        finally:
+            self.batcher.expect(-1)  # after the put (see decode)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
         except TimeoutError:

@@ -12,10 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
-from service import routes
+from service import media, routes
 from service.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE
-from service.imaging import decode_image
+from service.imaging import DecodedImage, decode_image
 from tests.service.conftest import SIZE, FakeModel, jpeg_bytes, png_bytes
 
 ClientFactory = Callable[..., TestClient]
@@ -250,3 +251,98 @@ def test_503_while_draining(client_factory: ClientFactory) -> None:
     resp = classify(client, jpeg_bytes())
     assert_problem(resp, 503, "shutting-down")
     assert resp.headers["retry-after"] == "1"
+
+
+# --- deadlines, batching and the threshold, through the route ---------------------------------------
+
+
+def test_504_when_decoding_used_up_the_deadline_and_the_image_is_never_queued(client_factory: ClientFactory) -> None:
+    model = FakeModel()
+    # 1 ms: reading and decoding a 1000x1000 PNG alone takes longer, so the deadline is gone
+    # before the image could be queued
+    client = client_factory(model=model, request_timeout_s=0.001)
+    warmed = len(model.batches)
+    body = assert_problem(classify(client, png_bytes(1000, 1000), "image/png"), 504, "deadline-exceeded")
+    assert "before inference" in str(body["detail"])
+    assert client.app.state.runtime.batcher.depth() == 0  # type: ignore[attr-defined]
+    time.sleep(0.1)
+    assert model.batches[warmed:] == []
+
+
+def test_request_expired_in_the_queue_is_not_run_even_when_the_event_loop_is_late(
+    client_factory: ClientFactory,
+) -> None:
+    # Under load the event loop can be busy when a request's deadline passes, so its own timeout
+    # fires late. The batcher must still see the deadline and drop the request instead of
+    # spending inference on an answer nobody waits for.
+    model = FakeModel()
+    client = client_factory(model=model, request_timeout_s=0.5, max_batch_size=1)
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    warmed = len(model.batches)
+    model.gate.clear()
+    model.entered.clear()
+    answers: dict[str, httpx.Response] = {}
+    first = threading.Thread(target=lambda: answers.update(first=classify(client, jpeg_bytes())))
+    first.start()
+    assert model.entered.wait(5)  # the worker is busy on the first request
+    second = threading.Thread(target=lambda: answers.update(second=classify(client, jpeg_bytes())))
+    second.start()
+    until = time.monotonic() + 5
+    while runtime.batcher.depth() < 1:
+        assert time.monotonic() < until
+        time.sleep(0.005)
+    queued_at = time.monotonic()  # the second request's deadline is at most 0.5 s after this
+    loop_blocked, loop_free = threading.Event(), threading.Event()
+
+    async def busy_loop() -> None:  # a synchronous sleep: nothing else on the loop runs meanwhile
+        loop_blocked.set()
+        time.sleep(queued_at + 1.5 - time.monotonic())
+        loop_free.set()
+
+    client.portal.start_task_soon(busy_loop)  # type: ignore[union-attr]
+    assert loop_blocked.wait(5)
+    time.sleep(max(0.0, queued_at + 0.7 - time.monotonic()))  # past the deadline, loop still blocked
+    model.gate.set()  # the worker takes the second request now, its deadline passed
+    assert loop_free.wait(5)
+    first.join(10)
+    second.join(10)
+    assert_problem(answers["second"], 504, "deadline-exceeded")
+    assert model.batches[warmed:] == [1]  # the first request only
+
+
+def test_uploads_still_decoding_join_the_batch_of_the_first(
+    client_factory: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four uploads decode at once, then finish 50 ms apart. The first one decoded must wait
+    # for the three still decoding (the batcher is told they are coming) rather than run alone.
+    client = client_factory(max_batch_size=4, max_wait_ms=1000, decode_threads=4)
+    all_decoding = threading.Barrier(4)
+
+    def staggered(data: bytes, size: int, max_pixels: int) -> DecodedImage:
+        turn = all_decoding.wait(5)
+        time.sleep(0.05 * turn)
+        return decode_image(data, size, max_pixels)
+
+    monkeypatch.setitem(media.DECODERS, "image/jpeg", staggered)
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: answers.append(classify(client, jpeg_bytes()))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert [a.json()["batch_size"] for a in answers] == [4] * 4
+
+
+def test_score_exactly_at_the_threshold_is_flagged_in_json_fhir_and_metrics(client_factory: ClientFactory) -> None:
+    image = jpeg_bytes(color=(90, 120, 30))
+    score = classify(client_factory(), image).json()["malignancy"]["score"]
+    client = client_factory(malignancy_threshold=score)  # "at or above": equal counts
+    flagged_before = REGISTRY.get_sample_value("lesionserve_malignancy_flagged_total")
+    mal = classify(client, image).json()["malignancy"]
+    assert (mal["score"], mal["threshold"], mal["above_threshold"]) == (score, score, True)
+    report = classify(client, image, accept="application/fhir+json").json()
+    malignancy_obs = next(r for r in report["contained"] if r.get("id") == "malignancy")
+    assert malignancy_obs["interpretation"][0]["coding"][0]["code"] == "H"
+    assert "at or above the threshold" in report["conclusion"]
+    assert REGISTRY.get_sample_value("lesionserve_malignancy_flagged_total") - flagged_before == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.service.conftest import jpeg_bytes
 ClientFactory = Callable[..., TestClient]
 KEY_A = "a" * 20 + "-secret-key-alpha"
 KEY_B = "b" * 20 + "-secret-key-bravo"
+KEY_C = "c" * 20 + "-secret-key-charlie"
 
 
 def classify(client: TestClient, key: str | None = None) -> int:
@@ -71,13 +73,33 @@ def test_logs_carry_the_key_id_never_the_key(client_factory: ClientFactory, capl
     assert KEY_A not in text and "x" * 30 not in text
 
 
-def test_identify_compares_every_key() -> None:
+def test_identify_matches_exact_keys_only() -> None:
     keys = ApiKeys({"one": KEY_A, "two": KEY_B})
     assert keys.identify(f"Bearer {KEY_B}") == "two"
     assert keys.identify(f"bearer   {KEY_A}") == "one"
-    with pytest.raises(Unauthorized):
-        keys.identify(f"Bearer {KEY_A[:-1]}")
+    for near_miss in (KEY_A[:-1], KEY_A + "x", KEY_A.upper(), f"{KEY_A} {KEY_B}"):
+        with pytest.raises(Unauthorized):
+            keys.identify(f"Bearer {near_miss}")
     assert ApiKeys({}).identify(None) is None
+
+
+@pytest.mark.parametrize("presented", [KEY_A, KEY_B, KEY_C, "z" * 30], ids=["first", "middle", "last", "none"])
+def test_every_key_is_compared_in_constant_time_whichever_matches(
+    client_factory: ClientFactory, monkeypatch: pytest.MonkeyPatch, presented: str
+) -> None:
+    # Timing itself is too noisy to assert in a test; what makes it independent of the key is
+    # that every stored key goes through hmac.compare_digest, with no early stop at a match.
+    client = client_factory(api_keys=f"ris:{KEY_A},pacs:{KEY_B},his:{KEY_C}")
+    compared: list[bytes] = []
+    constant_time = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return constant_time(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert classify(client, presented) == (401 if presented.startswith("z") else 200)
+    assert compared == [KEY_A.encode(), KEY_B.encode(), KEY_C.encode()]
 
 
 @pytest.mark.parametrize(

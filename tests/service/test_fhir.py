@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
@@ -16,6 +18,7 @@ from service.dicom import read_dicom
 from service.fhir import DICOM_UID_SYSTEM, diagnostic_report
 from service.schemas import ClassifyResponse
 from tests.conftest import TEST_DATA
+from tests.service.conftest import FakeModel, jpeg_bytes
 
 ISSUED = datetime(2026, 11, 22, 9, 30, 5, tzinfo=UTC)
 IDS = {
@@ -93,6 +96,7 @@ def test_report_with_dicom_identifiers_validates_and_carries_the_answer() -> Non
     assert device["identifier"][0]["value"] == "ab" * 32
     assert device["deviceName"][0]["name"] == "resnet18-ham10000" and device["version"][0]["value"] == "1.2.0"
     assert "Melanocytic nevus" in report["conclusion"] and "below" in report["conclusion"]
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "nv"  # the top class, not the last
     assert parsed.issued is not None and parsed.issued.year == 2026
 
 
@@ -163,3 +167,20 @@ def test_report_from_committed_dicom_identifiers_validates(path: Any) -> None:
     assert report["imagingStudy"][0]["identifier"]["value"] == "urn:oid:" + image.identifiers["StudyInstanceUID"]
     text = json.dumps(report)
     assert "TEST^SYNTHETIC" not in text and "TEST-ISIC" not in text
+
+
+def test_conclusion_code_is_the_most_likely_class_over_http(client_factory: Callable[..., TestClient]) -> None:
+    client = client_factory(model=FakeModel())  # ranks the classes in a fixed order for a red image
+    image = jpeg_bytes(color=(200, 40, 40))
+    answer = client.post("/v1/classify", content=image, headers={"content-type": "image/jpeg"}).json()
+    resp = client.post(
+        "/v1/classify", content=image, headers={"content-type": "image/jpeg", "accept": "application/fhir+json"}
+    )
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/fhir+json")
+    report = resp.json()
+    validate(report)
+    values = {o["code"]["coding"][0]["code"]: o["valueQuantity"]["value"] for o in observations(report).values()}
+    top = answer["top"]["code"]
+    assert top == max((c for c in values if c != "malignancy-score"), key=values.__getitem__)
+    assert report["conclusionCode"][0]["coding"][0]["code"] == top
+    assert report["conclusionCode"][0]["text"] == answer["top"]["name"]
