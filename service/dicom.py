@@ -7,13 +7,18 @@ Order of the checks, cheapest and safest first:
    declared Rows x Columns x frames against ``max_pixels``;
 3. the Pixel Data element's framing (lengths, fragment items) against the bytes received, so a
    truncated upload is refused by offset arithmetic, not by a decoder;
-4. only then the decode of the first frame, as RGB.
+4. the first frame's codestream header against the DICOM header, and the decode's memory against the
+   budget (:mod:`service.dicom_pixels`); only then the decode, as RGB.
+
+Every header value is read inside one guard (:func:`_read_header`): a malformed element is a 400
+naming the exception type only, never a 500 whose traceback would quote the element's bytes.
 
 Policy (docs/integration.md): greyscale and palette images get 415 (the model was trained on colour
 dermoscopy; a grey image would get a confident-looking but meaningless answer); a multi-frame object
 is answered from its first frame and ``frames`` says how many it holds. Identifiers returned are the
 Study/Series/SOP Instance UIDs and the Accession Number, never patient name, ID or birth date, and
-nothing from the header is ever logged except SOP class and transfer syntax names.
+nothing from the header is ever logged; problem details quote a UID only when it is well-formed and a
+photometric interpretation only when it is a defined term.
 """
 
 from __future__ import annotations
@@ -25,19 +30,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble  # no public meta-only reader for bytes
 from pydicom.pixels import get_decoder
-from pydicom.pixels.processing import convert_color_space
 from pydicom.uid import UID
 
-from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from service.imaging import DecodedImage, center_crop_resize
+from service.dicom_pixels import ImageModule, decode_first_frame
+from service.errors import InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.imaging import DecodedImage, center_crop_resize, decode_budget
 from service.schemas import DicomInfo
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,15 @@ SUPPORTED_TRANSFER_SYNTAXES = frozenset(
     }
 )
 COLOUR_PHOTOMETRIC = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
+KNOWN_PHOTOMETRIC = COLOUR_PHOTOMETRIC | {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "YBR_PARTIAL_420",
+    "HSV",
+    "ARGB",
+    "CMYK",
+}
 IDENTIFIER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber")
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
@@ -96,37 +107,45 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
+def read_dicom(data: bytes, *, max_pixels: int, min_side: int | None = None) -> DicomImage:
     """Read a DICOM Part-10 object and decode its first frame to RGB.
 
     Args:
         data: the whole uploaded object (the caller has already applied its byte limit).
         max_pixels: the most pixels the object may declare, Rows x Columns x frames; checked on
-            the header, before any pixel is decoded.
+            the header, before any pixel is decoded. It also sets the decode memory budget
+            (:func:`service.imaging.decode_budget`).
+        min_side: the short side the caller needs: a JPEG frame is then decoded at 1/2, 1/4 or 1/8
+            scale where that still covers it (``rgb`` is smaller than ``width`` x ``height``).
 
     Raises:
-        InvalidImage: not a DICOM Part-10 object, header incomplete, Pixel Data missing or truncated,
-            or pixel data the decoder rejects.
+        InvalidImage: not a DICOM Part-10 object, header malformed, incomplete or contradicted by the
+            codestream, Pixel Data missing or truncated, or pixel data the decoder rejects.
         UnsupportedMediaType: a SOP class, transfer syntax, colour model or bit depth not accepted;
             the message names it.
-        PayloadTooLarge: the declared pixel count is over ``max_pixels``.
+        PayloadTooLarge: the declared pixel count is over ``max_pixels``, or the decode would need
+            more memory than the budget.
     """
     ts = _check_transfer_syntax(_read_meta(data))
     header, pixel_offset = _read_header(data)
-    sop = _check_sop_class(header)
-    rows, cols, frames = _check_image_module(header, sop, max_pixels=max_pixels)
-    _check_pixel_data_framing(data, pixel_offset)
-    rgb = _decode_first_frame(data, ts, rows=rows, cols=cols)
+    if header.sop not in ACCEPTED_SOP_CLASSES:
+        raise UnsupportedMediaType(
+            f"DICOM SOP class {_uid_text(header.sop)} is not accepted: send Dermoscopic Photography, "
+            "VL Photographic or colour Secondary Capture Image Storage"
+        )
+    _check_image_module(header, max_pixels=max_pixels)
+    value = _check_pixel_data_framing(data, pixel_offset)
+    rgb = decode_first_frame(data, ts, header.image, value, budget=decode_budget(max_pixels), min_side=min_side)
     return DicomImage(
         rgb=rgb,
-        width=cols,
-        height=rows,
-        sop_class_uid=str(sop),
-        sop_class_name=sop.name,
+        width=header.image.cols,
+        height=header.image.rows,
+        sop_class_uid=str(header.sop),
+        sop_class_name=header.sop.name,
         transfer_syntax_uid=str(ts),
         transfer_syntax_name=ts.name,
-        frames=frames,
-        identifiers=_identifiers(header),
+        frames=header.image.frames,
+        identifiers=header.identifiers,
     )
 
 
@@ -137,7 +156,7 @@ def decode_dicom(data: bytes, size: int, max_pixels: int) -> DecodedImage:
     transfer syntax, frame count and the UIDs (no patient data).
     """
     start = time.perf_counter()
-    img = read_dicom(data, max_pixels=max_pixels)
+    img = read_dicom(data, max_pixels=max_pixels, min_side=size)
     info = DicomInfo(
         sop_class_uid=img.sop_class_uid, sop_class_name=img.sop_class_name,
         transfer_syntax_uid=img.transfer_syntax_uid, transfer_syntax_name=img.transfer_syntax_name,
@@ -153,68 +172,93 @@ def _read_meta(data: bytes) -> Dataset:
     try:
         read_preamble(fp, False)
         return _read_file_meta_info(fp)
-    except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, TypeError) as exc:
+    except Exception as exc:  # any parse failure of hostile bytes is the sender's error, never a 500
         raise InvalidImage("Body is not a DICOM Part-10 object (no 128-byte preamble and 'DICM' prefix)") from exc
 
 
 def _check_transfer_syntax(meta: Dataset) -> UID:
-    raw = meta.get("TransferSyntaxUID")
-    if not raw:
+    try:
+        ts = UID(str(meta.get("TransferSyntaxUID") or "").strip())
+    except Exception as exc:  # a malformed element converts lazily, here
+        raise InvalidImage("DICOM file meta information is malformed") from exc
+    if not ts:
         raise InvalidImage("DICOM file meta information has no Transfer Syntax UID")
-    ts = UID(str(raw))
     if ts not in SUPPORTED_TRANSFER_SYNTAXES:
-        raise UnsupportedMediaType(f"DICOM transfer syntax {ts.name} ({ts}) is not supported")
+        raise UnsupportedMediaType(f"DICOM transfer syntax {_uid_text(ts)} is not supported")
     if not get_decoder(ts).is_available:  # a plugin missing from this installation
-        raise UnsupportedMediaType(f"No decoder is installed for DICOM transfer syntax {ts.name} ({ts})")
+        raise UnsupportedMediaType(f"No decoder is installed for DICOM transfer syntax {_uid_text(ts)}")
     return ts
 
 
-def _read_header(data: bytes) -> tuple[Dataset, int]:
-    """The dataset up to Pixel Data, and the offset where reading stopped (where Pixel Data starts)."""
+@dataclass(frozen=True)
+class _Header:
+    """Everything used from the dataset, converted to plain values inside one error guard."""
+
+    sop: UID
+    image: ImageModule
+    samples: int
+    bits: int
+    identifiers: dict[str, str]
+
+
+def _read_header(data: bytes) -> tuple[_Header, int]:
+    """The dataset up to Pixel Data as plain values, and the offset where Pixel Data starts.
+
+    pydicom converts element values lazily, on first access, so a malformed element (a wrong VR, an
+    odd length that swallows its neighbours) raises wherever it is first read. Every value is read
+    here, in one guard: whatever pydicom raises becomes a 400 naming only the exception type.
+    Exception messages are never passed on: pydicom's quote the raw element bytes.
+    """
     fp = io.BytesIO(data)
     try:
-        header = pydicom.dcmread(fp, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types on garbage; none of them may become a 500
-        raise InvalidImage(f"DICOM header could not be parsed ({type(exc).__name__})") from exc
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        sop = UID(str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "").strip())
+        image = ImageModule(
+            rows=_int(ds, "Rows"),
+            cols=_int(ds, "Columns"),
+            frames=_int(ds, "NumberOfFrames", default=1),
+            photometric=str(ds.get("PhotometricInterpretation") or "").strip(),
+            planar=_int(ds, "PlanarConfiguration", default=0),
+        )
+        header = _Header(
+            sop, image, _int(ds, "SamplesPerPixel", default=1), _int(ds, "BitsAllocated"), _identifiers(ds)
+        )
+    except ServiceError:
+        raise
+    except Exception as exc:
+        raise InvalidImage(f"DICOM header is malformed ({type(exc).__name__})") from None
+    if not sop:
+        raise InvalidImage("DICOM object has no SOP Class UID")
     return header, fp.tell()
 
 
-def _check_sop_class(header: Dataset) -> UID:
-    raw = header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID")
-    if not raw:
-        raise InvalidImage("DICOM object has no SOP Class UID")
-    sop = UID(str(raw))
-    if sop not in ACCEPTED_SOP_CLASSES:
-        raise UnsupportedMediaType(
-            f"DICOM SOP class {sop.name} ({sop}) is not accepted: send Dermoscopic Photography, "
-            "VL Photographic or colour Secondary Capture Image Storage"
-        )
-    return sop
+def _uid_text(uid: UID) -> str:
+    """A UID for a problem detail: its name and value if it is well-formed, else nothing of it."""
+    return f"{uid.name} ({uid})" if uid.is_valid else "(a malformed UID)"
 
 
-def _check_image_module(header: Dataset, sop: UID, *, max_pixels: int) -> tuple[int, int, int]:
-    """Colour model, bit depth and declared size, all from the header; returns (rows, cols, frames)."""
-    rows, cols = _int(header, "Rows"), _int(header, "Columns")
-    frames = _int(header, "NumberOfFrames", default=1)
-    if rows < 1 or cols < 1 or frames < 1:
-        raise InvalidImage(f"DICOM image declares an empty size ({cols}x{rows}, {frames} frame(s))")
-    photometric = str(header.get("PhotometricInterpretation", "")).strip()
-    samples = _int(header, "SamplesPerPixel", default=1)
-    if photometric not in COLOUR_PHOTOMETRIC or samples != 3:
+def _check_image_module(header: _Header, *, max_pixels: int) -> None:
+    """Colour model, bit depth and declared size, all from the header."""
+    img, sop = header.image, header.sop
+    if img.rows < 1 or img.cols < 1 or img.frames < 1:
+        raise InvalidImage(f"DICOM image declares an empty size ({img.cols}x{img.rows}, {img.frames} frame(s))")
+    if img.photometric not in COLOUR_PHOTOMETRIC or header.samples != 3:
+        # Quote the photometric interpretation only when it is a defined term: it is header text.
+        shown = img.photometric if img.photometric in KNOWN_PHOTOMETRIC else "an unknown value"
         raise UnsupportedMediaType(
-            f"DICOM {sop.name} with photometric interpretation {photometric or 'missing'} and "
-            f"{samples} sample(s) per pixel is not accepted: only colour (RGB or YBR) images are"
+            f"DICOM {sop.name} with photometric interpretation {shown or 'missing'} and "
+            f"{header.samples} sample(s) per pixel is not accepted: only colour (RGB or YBR) images are"
         )
-    bits = _int(header, "BitsAllocated")
-    if bits != 8:
-        raise UnsupportedMediaType(f"DICOM image with {bits} bits allocated is not supported: 8-bit colour only")
-    declared = rows * cols * frames
+    if header.bits != 8:
+        raise UnsupportedMediaType(f"DICOM image with {header.bits} bits allocated is not supported: 8-bit colour only")
+    if img.planar not in (0, 1):
+        raise InvalidImage("DICOM Planar Configuration must be 0 or 1")
+    declared = img.rows * img.cols * img.frames
     if declared > max_pixels:
         raise PayloadTooLarge(
-            f"DICOM image declares {cols}x{rows} pixels x {frames} frame(s) = {declared} pixels, "
+            f"DICOM image declares {img.cols}x{img.rows} pixels x {img.frames} frame(s) = {declared} pixels, "
             f"over the limit of {max_pixels}"
         )
-    return rows, cols, frames
 
 
 def _int(header: Dataset, keyword: str, default: int | None = None) -> int:
@@ -229,8 +273,11 @@ def _int(header: Dataset, keyword: str, default: int | None = None) -> int:
         raise InvalidImage(f"DICOM {keyword} is not an integer") from exc
 
 
-def _check_pixel_data_framing(data: bytes, offset: int) -> None:
-    """Walk the Pixel Data element's framing (no decoding): refuse missing, empty or truncated data."""
+def _check_pixel_data_framing(data: bytes, offset: int) -> tuple[int, int]:
+    """Walk the Pixel Data element's framing (no decoding); returns the value's (start, end).
+
+    Missing, empty or truncated data is refused here by offset arithmetic, not by a decoder.
+    """
     if data[offset : offset + 4] != _PIXEL_DATA_TAG:
         raise InvalidImage("DICOM object has no Pixel Data (missing, or the file is truncated)")
     # pydicom may have sniffed implicit VR despite the declared syntax; read the element as it is written.
@@ -244,8 +291,8 @@ def _check_pixel_data_framing(data: bytes, offset: int) -> None:
             raise InvalidImage("DICOM Pixel Data is empty")
         if pos + length > len(data):
             raise InvalidImage(f"DICOM Pixel Data is truncated: {len(data) - pos} of {length} bytes present")
-        return
-    items = 0  # encapsulated: offset-table item, then fragment items, then the sequence delimiter
+        return pos, pos + length
+    start, items = pos, 0  # encapsulated: offset-table item, then fragment items, then the sequence delimiter
     while True:
         if pos + 8 > len(data):
             raise InvalidImage("DICOM encapsulated Pixel Data is truncated (no sequence delimiter)")
@@ -261,49 +308,7 @@ def _check_pixel_data_framing(data: bytes, offset: int) -> None:
         items += 1
     if items < 2:
         raise InvalidImage("DICOM encapsulated Pixel Data has no fragments")
-
-
-def _decode_first_frame(data: bytes, ts: UID, *, rows: int, cols: int) -> np.ndarray:
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        fast = _baseline_jpeg_fast(ds, ts)
-        if fast is not None:
-            return _checked(fast, rows, cols)
-        # as_rgb (True by default) converts YBR to RGB, and pydicom knows when a JPEG decoder has already
-        # done so (baseline JPEG with YBR_FULL_422 comes back from Pillow/libjpeg as RGB): no double conversion.
-        arr, meta = get_decoder(ts).as_array(ds, index=0)
-    except Exception as exc:  # corrupt codestreams raise decoder-specific errors
-        logger.info("DICOM pixel decode failed: %s (%s)", type(exc).__name__, ts.name)
-        raise InvalidImage(f"DICOM pixel data could not be decoded ({ts.name})") from exc
-    photometric = str(meta.get("photometric_interpretation", "RGB"))
-    if photometric in ("YBR_FULL", "YBR_FULL_422"):  # defensive: a plugin that returned YCbCr
-        arr = convert_color_space(arr, photometric, "RGB")
-    return _checked(arr, rows, cols)
-
-
-def _baseline_jpeg_fast(ds: Dataset, ts: UID) -> np.ndarray | None:
-    """Fast path for the usual dermatoscope export: baseline JPEG, YCbCr in the stream (YBR_FULL[_422]).
-
-    OpenCV's libjpeg-turbo does YCbCr->RGB itself, ~10x faster than pydicom's plugins (Pillow decodes to
-    raw YCbCr and converts in numpy; pylibjpeg is slower still). RGB-labelled streams
-    (JPEG without colour transform) keep pydicom's path, which knows to tell the decoder not to
-    convert. tests/service/test_dicom.py checks both paths agree. None = use pydicom.
-    """
-    if ts != pydicom.uid.JPEGBaseline8Bit or ds.get("PhotometricInterpretation") not in ("YBR_FULL_422", "YBR_FULL"):
-        return None
-    frames = _int(ds, "NumberOfFrames", default=1)
-    codestream = next(generate_frames(ds.PixelData, number_of_frames=frames))
-    # IGNORE_ORIENTATION: an EXIF tag inside the codestream must not rotate what the header describes.
-    bgr = cv2.imdecode(np.frombuffer(codestream, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
-        return None  # not a 3-component 8-bit JPEG after all: let pydicom decide (and refuse)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def _checked(arr: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    if arr.shape != (rows, cols, 3) or arr.dtype != np.uint8:
-        raise InvalidImage(f"DICOM pixel data decoded to {arr.shape} {arr.dtype}, expected ({rows}, {cols}, 3) uint8")
-    return np.ascontiguousarray(arr)
+    return start, pos
 
 
 def _identifiers(header: Dataset) -> dict[str, str]:

@@ -1,32 +1,41 @@
 """Image bytes -> the model's ``(S, S, 3)`` uint8 RGB input, with limits checked before decoding.
 
-The header is parsed first (format, width, height) so that a decompression bomb is refused
-from its first bytes. Decoding is OpenCV's (it releases the GIL, so a thread pool decodes in
-parallel): EXIF orientation applied, greyscale / 16-bit / palette / RGBA / CMYK converted to
-8-bit RGB (alpha is dropped, as PIL's ``convert("RGB")`` does). JPEGs much larger than the
-model input are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, which is several times
-faster and, because the result is still at least ``S`` on its short side, keeps the final
-INTER_AREA step the same as training's.
+The codestream's own header is read first (:mod:`service.codecs`: format, size, components, coding),
+so a decompression bomb is refused from its first bytes and the decode's working memory is known
+before it starts: over ``DECODE_BYTES_PER_PIXEL x max_pixels`` is 413.
+
+JPEG is decoded by libjpeg-turbo (``simplejpeg``) in strict mode: a stream that libjpeg has to patch
+up (missing or short entropy-coded data, which it would fill with grey) is refused, never classified.
+Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, which is several times faster and,
+because the result is still at least ``S`` on its short side, keeps the final INTER_AREA step the same
+as training's; EXIF orientation is applied to that small image. PNG is decoded by OpenCV after the
+IDAT stream was checked to hold exactly the pixels IHDR declares (libpng would fill a short image).
+Both release the GIL, so a thread pool decodes in parallel.
 """
 
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import simplejpeg
 
-from service.errors import InvalidImage, PayloadTooLarge
+from service import codecs
+from service.codecs import Codestream
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import DicomInfo
 
 JPEG, PNG = "jpeg", "png"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# SOF markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE = frozenset([0x01, *range(0xD0, 0xD9)])
-_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+# The decode memory budget per allowed pixel: a full-size PNG at MAX_PIXELS (6 bytes/pixel measured,
+# docs/service.md) fits, so MAX_PIXELS stays the one knob. The constant covers the decoders' fixed
+# buffers (Huffman tables, row buffers).
+DECODE_BYTES_PER_PIXEL = 6
+DECODE_FIXED_BYTES = 8 * codecs.MB
+_DCT_SCALES = (8, 4, 2)  # libjpeg's power-of-two scaled IDCT; odd factors would change the pixels
+# EXIF orientation -> the OpenCV steps that display the stored image upright (OpenCV's own table).
+_ORIENT = {2: (False, 1), 3: (False, -1), 4: (False, 0), 5: (True, None), 6: (True, 1), 7: (True, -1), 8: (True, 0)}
 
 
 @dataclass(frozen=True)
@@ -52,82 +61,48 @@ def sniff_format(data: bytes) -> str | None:
     """``"jpeg"``, ``"png"`` or None, from the magic bytes (the declared type is not trusted)."""
     if data.startswith(b"\xff\xd8\xff"):
         return JPEG
-    if data.startswith(_PNG_MAGIC):
+    if data.startswith(codecs.PNG_MAGIC):
         return PNG
     return None
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int]:
-    """Width, height and the offset of the first scan (SOS), walking the marker segments."""
-    i, size, n = 2, None, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise InvalidImage("JPEG marker structure is corrupt")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        if marker in _SOF_MARKERS and i + 9 <= n:
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            size = (width, height)
-        if marker == 0xDA:
-            if size is None:
-                break
-            return size[0], size[1], i
-        i += 2 + length
-    raise InvalidImage("JPEG has no frame header before its image data (truncated or not a JPEG)")
+def decode_budget(max_pixels: int) -> int:
+    """Bytes one decode may use, from the pixel limit (see ``DECODE_BYTES_PER_PIXEL``)."""
+    return DECODE_BYTES_PER_PIXEL * max_pixels + DECODE_FIXED_BYTES
+
+
+def _codestream(data: bytes) -> Codestream:
+    if not data:
+        raise InvalidImage("the upload is empty")
+    fmt = sniff_format(data)
+    if fmt == PNG:
+        return codecs.png_codestream(data)
+    if fmt == JPEG:
+        return codecs.jpeg_codestream(data)
+    raise InvalidImage("the upload is not a JPEG or PNG image")
 
 
 def read_header(data: bytes) -> ImageHeader:
     """Format and stored size from the first bytes only: nothing is decoded.
 
-    Args:
-        data: the uploaded bytes.
-
     Raises:
         InvalidImage: empty, not a JPEG/PNG, or a header too broken to read.
     """
-    if not data:
-        raise InvalidImage("the upload is empty")
-    fmt = sniff_format(data)
-    if fmt == PNG:
-        if len(data) < 33 or data[12:16] != b"IHDR":
-            raise InvalidImage("PNG has no IHDR header")
-        width, height = struct.unpack(">II", data[16:24])
-    elif fmt == JPEG:
-        width, height, _ = _jpeg_header(data)
-    else:
-        raise InvalidImage("the upload is not a JPEG or PNG image")
-    if width == 0 or height == 0:
-        raise InvalidImage(f"image header declares an empty {width}x{height} image")
-    return ImageHeader(fmt, width, height)
-
-
-def _check_complete(data: bytes, fmt: str) -> None:
-    # OpenCV fills a truncated image with grey and returns it; a half image must not be
-    # classified, so the end marker is required. After the first scan 0xFFD9 can only be
-    # EOI: entropy-coded data stuffs every 0xFF with 0x00.
-    if fmt == JPEG:
-        _, _, sos = _jpeg_header(data)
-        if data.find(b"\xff\xd9", sos) < 0:
-            raise InvalidImage("JPEG is truncated (no end-of-image marker)")
-    elif data.rfind(b"IEND") < 0:
-        raise InvalidImage("PNG is truncated (no IEND chunk)")
+    info = _codestream(data)
+    if info.width == 0 or info.height == 0:
+        raise InvalidImage(f"image header declares an empty {info.width}x{info.height} image")
+    return ImageHeader(PNG if info.process == "png" else JPEG, info.width, info.height)
 
 
 def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     """Centre-crop to a square, then resize to ``size`` x ``size`` with INTER_AREA (as training).
 
     Args:
-        rgb: ``(H, W, 3)`` uint8 RGB image.
+        rgb: ``(H, W, C)`` uint8 image; any channel order (it is kept), any strides.
         size: output side S in pixels.
 
     Returns:
-        ``(S, S, 3)`` uint8 RGB, C-contiguous.
+        ``(S, S, C)`` uint8, C-contiguous.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
@@ -136,19 +111,65 @@ def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    square = rgb[top : top + side, left : left + side]
+    square = rgb[top : top + side, left : left + side]  # a view: no copy of the decoded image
     out = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-def reduction_flag(header: ImageHeader, size: int) -> tuple[int, int]:
-    """The (factor, imread flag) for decoding: the largest JPEG reduction still >= ``size``."""
-    if header.format == JPEG:
-        short = min(header.width, header.height)
-        for factor, flag in _REDUCED:
+def reduction_factor(info: Codestream, size: int) -> int:
+    """The largest DCT-domain reduction that keeps the short side >= ``size`` (1: full size)."""
+    if info.process in ("baseline", "extended", "progressive"):
+        short = min(info.width, info.height)
+        for factor in _DCT_SCALES:
             if short // factor >= size:
-                return factor, flag
-    return 1, cv2.IMREAD_COLOR
+                return factor
+    return 1
+
+
+def decode_jpeg_rgb(data: bytes, info: Codestream, factor: int = 1, *, rgb_stream: bool = False) -> np.ndarray:
+    """Strict libjpeg-turbo decode of a JPEG (DCT or lossless) to (H/f, W/f, 3) RGB.
+
+    Args:
+        data: the codestream.
+        info: its header (:func:`service.codecs.jpeg_codestream`).
+        factor: DCT-domain reduction (1, 2, 4 or 8).
+        rgb_stream: the 3 components are R, G, B (no YCbCr transform; DICOM ``RGB`` and lossless).
+
+    Raises:
+        InvalidImage: corrupt, truncated or short of data (libjpeg warnings are errors here).
+        UnsupportedMediaType: not 8-bit, or a component count other than 1, 3 or 4.
+    """
+    if info.precision != 8 or info.components not in (1, 3, 4) or info.process == "jpeg-ls":
+        raise UnsupportedMediaType(
+            f"{info.precision}-bit JPEG with {info.components} component(s) ({info.process}) is not supported"
+        )
+    stream = codecs.as_rgb_stream(data) if rgb_stream and info.components == 3 else data
+    min_h, min_w = -(-info.height // factor), -(-info.width // factor)  # exactly 1/factor
+    try:
+        if info.components == 4:  # Adobe CMYK/YCCK: libjpeg gives (inverted) CMYK, converted below
+            cmyk = simplejpeg.decode_jpeg(stream, colorspace="CMYK", min_height=min_h, min_width=min_w, strict=True)
+            return _inverted_cmyk_to_rgb(cmyk)
+        out: np.ndarray = simplejpeg.decode_jpeg(
+            stream, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise InvalidImage(f"the JPEG image data is corrupt or incomplete ({type(exc).__name__})") from exc
+    return out
+
+
+def _inverted_cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    # Adobe writes CMYK JPEGs inverted (255 = no ink), as OpenCV and Pillow assume: R = C' x K' / 255.
+    k = cmyk[..., 3:4].astype(np.uint16)
+    return ((cmyk[..., :3].astype(np.uint16) * k + 127) // 255).astype(np.uint8)
+
+
+def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    if orientation not in _ORIENT:
+        return img
+    transpose, flip = _ORIENT[orientation]
+    if transpose:
+        img = cv2.transpose(img)
+    return img if flip is None else cv2.flip(img, flip)
 
 
 def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
@@ -157,31 +178,41 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
     Args:
         data: the uploaded bytes (JPEG or PNG).
         size: the model's input side S.
-        max_pixels: refuse images whose header declares more pixels than this.
+        max_pixels: refuse images whose header declares more pixels than this; also sets the
+            decode memory budget (:func:`decode_budget`).
 
     Raises:
-        InvalidImage: not decodable (400).
-        PayloadTooLarge: too many pixels, decided from the header alone (413).
+        InvalidImage: not decodable, truncated or short of data (400).
+        PayloadTooLarge: too many pixels, or too much decode memory, decided from the header alone (413).
+        UnsupportedMediaType: a JPEG variant this service does not decode (415).
     """
     start = time.perf_counter()
     header = read_header(data)
-    if header.width * header.height > max_pixels:
-        raise PayloadTooLarge(
-            f"image is {header.width}x{header.height} = {header.width * header.height} pixels; the limit is {max_pixels}"
-        )
-    _check_complete(data, header.format)
-    _, flag = reduction_flag(header, size)
-    # IMREAD_COLOR(_REDUCED_*) gives 8-bit 3-channel BGR from any depth, palette, alpha or CMYK
-    # source and applies EXIF orientation (IMREAD_IGNORE_ORIENTATION is not set).
-    try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-    except cv2.error:
-        bgr = None
-    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
-        raise InvalidImage(f"the {header.format.upper()} image could not be decoded")
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    pixels = center_crop_resize(rgb, size)
-    width, height = header.width, header.height
-    if (bgr.shape[0] > bgr.shape[1]) != (height > width) and width != height:
-        width, height = height, width  # EXIF rotated it by 90 degrees
-    return DecodedImage(pixels, width, height, header.format, time.perf_counter() - start)
+    info = _codestream(data)
+    if info.pixels > max_pixels:
+        raise PayloadTooLarge(f"image is {info.width}x{info.height} = {info.pixels} pixels; the limit is {max_pixels}")
+    if header.format == JPEG:
+        factor = reduction_factor(info, size)
+        out_pixels = -(-info.width // factor) * -(-info.height // factor)
+        codecs.check_budget(info, decode_budget(max_pixels), "a JPEG", out_pixels)
+        if not codecs.jpeg_has_end(data, info.scan_offset):
+            raise InvalidImage("JPEG is truncated (no end-of-image marker)")
+        orientation = codecs.exif_orientation(data, info.scan_offset)
+        rgb = _orient(decode_jpeg_rgb(data, info, factor, rgb_stream=info.process == "lossless"), orientation)
+        pixels = center_crop_resize(rgb, size)
+        swapped = orientation >= 5  # orientations 5-8 turn the image by 90 degrees
+    else:
+        codecs.check_budget(info, decode_budget(max_pixels), "a PNG")
+        codecs.check_png_complete(data, info)
+        # IMREAD_COLOR gives 8-bit 3-channel BGR from any depth, palette or alpha, and applies EXIF
+        # orientation (eXIf chunk). Crop and resize first, convert the small result: no full-size copy.
+        try:
+            bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:
+            bgr = None
+        if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+            raise InvalidImage("the PNG image could not be decoded")
+        pixels = cv2.cvtColor(center_crop_resize(bgr, size), cv2.COLOR_BGR2RGB)
+        swapped = (bgr.shape[0] > bgr.shape[1]) != (info.height > info.width) and info.width != info.height
+    width, height = (info.height, info.width) if swapped else (info.width, info.height)
+    return DecodedImage(np.ascontiguousarray(pixels), width, height, header.format, time.perf_counter() - start)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from service import imaging
 from service.errors import InvalidImage, PayloadTooLarge
-from service.imaging import center_crop_resize, decode_image, read_header, reduction_flag
+from service.codecs import jpeg_codestream, png_codestream
+from service.imaging import center_crop_resize, decode_image, read_header, reduction_factor
 from tests.conftest import TEST_DATA, shared_data
 from tests.service.conftest import encode, jpeg_bytes, png_bytes
 
@@ -161,10 +162,10 @@ def test_center_crop_takes_the_middle_square() -> None:
 
 
 def test_reduced_decode_only_when_still_at_least_the_input_size() -> None:
-    assert reduction_flag(read_header(jpeg_bytes(600, 450)), 224) == (2, cv2.IMREAD_REDUCED_COLOR_2)
-    assert reduction_flag(read_header(jpeg_bytes(600, 440)), 224) == (1, cv2.IMREAD_COLOR)  # 220 < 224
-    assert reduction_flag(read_header(jpeg_bytes(2000, 1800)), 224) == (8, cv2.IMREAD_REDUCED_COLOR_8)
-    assert reduction_flag(read_header(png_bytes(2000, 1800)), 224) == (1, cv2.IMREAD_COLOR)  # PNG: no DCT scaling
+    assert reduction_factor(jpeg_codestream(jpeg_bytes(600, 450)), 224) == 2
+    assert reduction_factor(jpeg_codestream(jpeg_bytes(600, 440)), 224) == 1  # 220 < 224
+    assert reduction_factor(jpeg_codestream(jpeg_bytes(2000, 1800)), 224) == 8
+    assert reduction_factor(png_codestream(png_bytes(2000, 1800)), 224) == 1  # PNG: no DCT scaling
 
 
 def full_decode(path: Path, size: int) -> np.ndarray:
@@ -175,7 +176,7 @@ def full_decode(path: Path, size: int) -> np.ndarray:
 def test_reduced_decode_of_a_large_photo_is_close_to_a_full_decode() -> None:
     path = TEST_DATA / "large" / "ISIC_0000446.jpg"
     header = read_header(path.read_bytes())
-    assert reduction_flag(header, 224)[0] > 1
+    assert reduction_factor(jpeg_codestream(path.read_bytes()), 224) > 1
     out = decode_image(path.read_bytes(), 224, 100_000_000)
     assert (out.width, out.height) == (header.width, header.height)
     assert np.abs(out.pixels.astype(int) - full_decode(path, 224)).mean() < 2.0
