@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from service.batcher import Batcher, Prediction, batch_sizes, collect_batch
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
@@ -93,14 +96,18 @@ def make_batcher(model: FakeModel, start: bool = True, **kwargs: object) -> Batc
 def test_concurrent_submits_form_one_batch_and_rows_go_to_their_callers() -> None:
     model = FakeModel()
     batcher = make_batcher(model, start=False)  # all six are queued before the worker collects
+    waited_before = REGISTRY.get_sample_value("lesionserve_queue_wait_seconds_sum") or 0.0
     try:
         futures = [batcher.submit(image(red), far()) for red in (0, 50, 100, 150, 200, 250)]
         batcher.start()
         results = [f.result(5) for f in futures]
     finally:
         batcher.close(5)
+    waited = (REGISTRY.get_sample_value("lesionserve_queue_wait_seconds_sum") or 0.0) - waited_before
+    assert 0 <= waited < 6 * 5  # six waits of well under 5 s each
     assert model.batches == [6]
     assert all(r.batch_size == 6 for r in results)
+    assert all(0 <= r.queue_s < 5 and 0 <= r.inference_s < 5 for r in results)
     for red, result in zip((0, 50, 100, 150, 200, 250), results, strict=True):
         expected = model.run(image(red)[None])[0]
         np.testing.assert_allclose(result.probabilities, expected, rtol=1e-6)
@@ -133,6 +140,33 @@ def test_max_wait_is_honoured_for_a_lone_request() -> None:
     assert 0.18 <= took < 2.0
 
 
+def test_a_lone_request_with_nothing_announced_runs_at_once() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=2.0)
+    try:
+        start = time.monotonic()
+        result = batcher.submit(image(1), far()).result(5)
+        took = time.monotonic() - start
+    finally:
+        batcher.close(5)
+    assert result.batch_size == 1 and took < 1.0  # not the 2 s max_wait
+
+
+def test_announcements_add_up_and_the_batcher_waits_while_any_is_left() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=0.3)
+    batcher.expect(+1)
+    batcher.expect(+1)
+    batcher.expect(-1)  # one of two arrived elsewhere or failed; the other is still decoding
+    try:
+        start = time.monotonic()
+        batcher.submit(image(1), far()).result(5)
+        took = time.monotonic() - start
+    finally:
+        batcher.close(5)
+    assert took >= 0.25
+
+
 def test_queue_full_raises_overloaded_with_retry_after() -> None:
     model = FakeModel()
     model.gate.clear()
@@ -144,6 +178,7 @@ def test_queue_full_raises_overloaded_with_retry_after() -> None:
         with pytest.raises(Overloaded) as err:
             batcher.submit(image(4), far())
         assert err.value.headers["Retry-After"] == "1"
+        assert err.value.detail == "the inference queue is full; retry shortly"
         model.gate.set()
         assert all(isinstance(f.result(5), Prediction) for f in [first, *kept])
     finally:
@@ -189,6 +224,24 @@ def test_cancelled_requests_are_skipped() -> None:
     assert model.batches == [1]
 
 
+def test_a_cancelled_or_expired_request_does_not_stop_the_rest_of_its_batch() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, start=False)
+    try:
+        cancelled = batcher.submit(image(1), far())
+        expired = batcher.submit(image(2), time.monotonic() - 1)
+        live = [batcher.submit(image(red), far()) for red in (3, 4)]
+        assert cancelled.cancel()
+        batcher.start()
+        with pytest.raises(DeadlineExceeded) as err:
+            expired.result(5)
+        assert err.value.detail == "the request deadline passed while it was queued"
+        assert [f.result(5).batch_size for f in live] == [2, 2]
+    finally:
+        batcher.close(5)
+    assert model.batches == [2]
+
+
 def test_a_bad_input_fails_only_its_own_request() -> None:
     model = FakeModel()
     batcher = make_batcher(model, start=False)
@@ -198,13 +251,17 @@ def test_a_bad_input_fails_only_its_own_request() -> None:
         good_a, bad, good_b = futures
         with pytest.raises(InferenceFailed) as err:
             bad.result(5)
-        assert "secret" not in err.value.detail
-        assert good_a.result(5).batch_size == 1 and good_b.result(5).batch_size == 1
+        assert err.value.detail == "inference failed for this image"  # the caller's words, no internals
+        for red, good in ((10, good_a), (20, good_b)):
+            result = good.result(5)
+            assert result.batch_size == 1
+            np.testing.assert_allclose(result.probabilities, model.run(image(red)[None])[0], rtol=1e-6)
+            assert 0 <= result.queue_s < 5 and 0 <= result.inference_s < 5
         # and the batcher keeps serving afterwards
         assert batcher.submit(image(30), far()).result(5).batch_size == 1
     finally:
         batcher.close(5)
-    assert model.batches[0] == 3  # the failed batch of 3, then one retry per image
+    assert model.batches[:4] == [3, 1, 1, 1]  # the failed batch of 3, then one retry per image
 
 
 def test_a_failing_model_fails_requests_and_the_worker_survives() -> None:
@@ -212,12 +269,53 @@ def test_a_failing_model_fails_requests_and_the_worker_survives() -> None:
     model.fail_all = True
     batcher = make_batcher(model)
     try:
-        with pytest.raises(InferenceFailed):
+        with pytest.raises(InferenceFailed) as err:
             batcher.submit(image(1), far()).result(5)
+        assert err.value.detail == "inference failed for this image"
+        assert model.batches == [1]  # a lone image that failed is not retried
         model.fail_all = False
         assert batcher.submit(image(1), far()).result(5).batch_size == 1
     finally:
         batcher.close(5)
+
+
+def test_failures_are_logged_once_each_with_the_batch_size(caplog: pytest.LogCaptureFixture) -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, start=False)
+    with caplog.at_level(logging.WARNING, logger="service.batcher"):
+        try:
+            futures = [batcher.submit(image(red), far()) for red in (13, 13)]
+            batcher.start()
+            for f in futures:
+                with pytest.raises(InferenceFailed):
+                    f.result(5)
+        finally:
+            batcher.close(5)
+    records = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert records == [
+        ("WARNING", "batch of 2 failed; retrying image by image", False),
+        ("ERROR", "inference failed", True),
+        ("ERROR", "inference failed", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [lambda b: np.zeros(len(b), np.float32), lambda b: np.zeros((len(b) + 1, 7), np.float32)],
+    ids=["1-d", "extra-row"],
+)
+def test_a_model_answer_of_the_wrong_shape_fails_the_request(
+    answer: Callable[[np.ndarray], np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    batcher = Batcher(answer, SHAPE)
+    batcher.start()
+    try:
+        with pytest.raises(InferenceFailed):
+            batcher.submit(image(1), far()).result(5)
+    finally:
+        batcher.close(5)
+    error = next(r for r in caplog.records if r.exc_info is not None)
+    assert "model returned shape" in str(error.exc_info[1]) and "for a batch of 1" in str(error.exc_info[1])
 
 
 def test_wrong_array_is_refused_at_submit() -> None:
@@ -239,6 +337,19 @@ def test_padding_runs_fixed_shapes_and_answers_real_rows() -> None:
         batcher.close(5)
     assert model.batches == [4]  # 3 padded to the next fixed size
     assert [r.batch_size for r in results] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_padding_leaves_a_batch_of_a_fixed_size_as_it_is(n: int) -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, start=False, pad=True)
+    try:
+        futures = [batcher.submit(image(red), far()) for red in range(n)]
+        batcher.start()
+        assert [f.result(5).batch_size for f in futures] == [n] * n
+    finally:
+        batcher.close(5)
+    assert model.batches == [n]
 
 
 def test_warm_up_runs_every_batch_size() -> None:
