@@ -10,7 +10,7 @@ HOST   ?= 0.0.0.0
 PORT   ?= 8000
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest serve-deps test-deps clean bench
+.PHONY: run test lint typecheck pytest serve-deps test-deps clean bench mutation
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "lesionserve needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -46,6 +46,17 @@ typecheck: test-deps
 
 pytest: test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make mutation [MODULES="service/batcher.py ..."]: mutation testing with mutmut (docs/testing.md); not in CI
+# Each module takes minutes to tens of minutes on 2 cores; mutmut keeps its results in mutants/
+# and re-tests only the functions changed since, so a second run is quick.
+MUTATION_MODULES := service/batcher.py service/auth.py service/imaging.py service/dicom.py service/runtime.py \
+                    service/media.py service/errors.py service/schemas.py export/parity.py
+MODULES ?= $(MUTATION_MODULES)
+MUTATION_JOBS ?= 2
+mutation: test-deps
+	nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MODULES),'$(subst /,.,$(m:.py=)).*')
+	$(BIN)/python tools/mutation_report.py $(MODULES)
 
 bench: serve-deps
 	$(BIN)/python -m service.bench
