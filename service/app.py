@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Scope
 
+from service.apidocs import install_docs
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.inference import InferenceModel, OnnxModel
+from service.logs import guard_third_party_output
 from service.middleware import RequestContextMiddleware
 from service.routes import CLASSIFY_ROUTE, router
 from service.runtime import Runtime
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         service.inference.ModelLoadError: the model cannot be served.
     """
     settings = settings or Settings()  # model_path comes from the env
+    guard_third_party_output()  # pydicom's logger and Python warnings can quote header values
     runtime = Runtime(settings, model or load_model(settings))
 
     @asynccontextmanager
@@ -60,10 +63,13 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         summary="Dermoscopic skin-lesion classification (decision support; not a diagnosis).",
         version=runtime.meta.version,
         lifespan=lifespan,
+        docs_url=None,  # served from the installed package instead of a CDN: service.apidocs
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.include_router(router)
     install_error_handlers(app)
+    install_docs(app, "lesionserve")
 
     def audit(route: str, scope: Scope, status: int, elapsed_s: float) -> None:
         if route == CLASSIFY_ROUTE:

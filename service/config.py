@@ -64,9 +64,13 @@ class Settings(BaseSettings):
     max_pixels: int = Field(50_000_000, ge=64, description="Width x height read from the image header.")
     intra_op_threads: int = Field(0, ge=0, le=256, description="0: all cores on CPU, 1 on CUDA.")
     decode_threads: int = Field(0, ge=0, le=64, description="0: min(4, cores).")
+    decode_queue_size: int = Field(32, ge=0, le=10_000, description="Uploads waiting for a decode thread; full -> 503.")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024, description="Request line + headers; more -> 400, connection closed."
+    )
     api_keys: str = Field("", description="Comma list of id:key; empty with no file = auth off.")
     api_keys_file: Path | None = None
-    metrics_auth: bool = False
+    metrics_auth: bool | None = Field(None, description="/metrics needs a key; unset (auto): when API keys are on.")
     metrics_only_key_ids: str = Field(
         "", description="Comma list of key ids that may read /metrics only (scrapers): elsewhere 403."
     )
@@ -78,6 +82,11 @@ class Settings(BaseSettings):
     malignancy_threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the model's.")
     audit_log: str = Field("-", description="Audit trail: '-' stderr, a file path to append to, or 'off'.")
     audit_uid_key: SecretStr | None = Field(None, description="HMAC key for DICOM UIDs in the audit trail.")
+
+    @field_validator("metrics_auth", mode="before")
+    @classmethod
+    def _auto(cls, v: object) -> object:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "auto") else v
 
     @field_validator("audit_log")
     @classmethod
@@ -113,7 +122,15 @@ class Settings(BaseSettings):
         unknown = sorted(set(self.metrics_only_ids) - set(keys))
         if unknown:
             raise ValueError(f"metrics_only_key_ids names keys that do not exist: {', '.join(unknown)}")
+        if self.metrics_auth and not keys:  # it would serve /metrics to anyone while saying it does not
+            raise ValueError(
+                "LESIONSERVE_METRICS_AUTH=true needs API keys (LESIONSERVE_API_KEYS or LESIONSERVE_API_KEYS_FILE)"
+            )
         return self
+
+    def metrics_key_required(self, keys_on: bool) -> bool:
+        """Whether /metrics wants a key: METRICS_AUTH if set, else whenever API keys are on."""
+        return self.metrics_auth if self.metrics_auth is not None else keys_on
 
     @property
     def metrics_only_ids(self) -> set[str]:

@@ -26,6 +26,23 @@ class RejectReason(StrEnum):
     SHUTTING_DOWN = "shutting_down"
 
 
+class Method(StrEnum):
+    """The ``method`` label: the standard methods, everything else ``other`` (a client chooses the method)."""
+
+    GET = "GET"
+    HEAD = "HEAD"
+    POST = "POST"
+    PUT = "PUT"
+    DELETE = "DELETE"
+    PATCH = "PATCH"
+    OPTIONS = "OPTIONS"
+    OTHER = "other"
+
+    @classmethod
+    def of(cls, method: str) -> Method:
+        return cls._value2member_map_.get(method, cls.OTHER)  # type: ignore[return-value]
+
+
 # Latency buckets: CPU inference of a ResNet-50 is ~50-500 ms, GPU ~2-20 ms; requests that
 # wait in a saturated queue go to seconds. Fine steps below 100 ms, coarse above.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)

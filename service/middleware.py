@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, problem_body
+from service.logs import describe_exception
 
 log = logging.getLogger("service.access")
 
@@ -77,18 +78,20 @@ class RequestContextMiddleware:
             await send(message)
 
         metrics.IN_FLIGHT_REQUESTS.inc()
+        method = metrics.Method.of(scope["method"])
         try:
             await self.app(scope, receive, send_wrapper)
-        except Exception:
-            # A real fault: logged once with its traceback; the caller sees no internals.
-            log.exception("unhandled error", extra={"request_id": request_id})
+        except Exception as exc:
+            # A real fault: logged once, as exception types and code locations; the message is left out
+            # (a parser's message can quote the request's bytes: patient data). The caller sees no internals.
+            log.error("unhandled error", extra={"request_id": request_id, "exception": describe_exception(exc)})
             if not started:
                 await self._internal_error(scope, send_wrapper, request_id)
         finally:
             metrics.IN_FLIGHT_REQUESTS.dec()
             route = getattr(scope.get("route"), "path", UNMATCHED)
             elapsed = time.perf_counter() - start
-            metrics.REQUESTS_TOTAL.labels(route=route, method=scope["method"], status=str(status)).inc()
+            metrics.REQUESTS_TOTAL.labels(route=route, method=method, status=str(status)).inc()
             metrics.REQUEST_DURATION_SECONDS.labels(route=route).observe(elapsed)
             state = scope.get("state", {})
             if status == 500 and "problem_type" not in state:
@@ -96,13 +99,15 @@ class RequestContextMiddleware:
             if self.on_complete is not None:
                 try:
                     self.on_complete(route, scope, status, elapsed)
-                except Exception:  # the audit must never turn an answered request into a failure
-                    log.exception("completion hook failed", extra={"request_id": request_id})
+                except Exception as exc:  # the audit must never turn an answered request into a failure
+                    log.error(
+                        "completion hook failed", extra={"request_id": request_id, "exception": describe_exception(exc)}
+                    )
             log.info(
                 "request",
                 extra={
                     "request_id": request_id,
-                    "method": scope["method"],
+                    "method": method.value,
                     "route": route,
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 2),

@@ -40,7 +40,9 @@ def require_key(request: Request, rt: RuntimeDep) -> None:
 
 
 def require_metrics_key(request: Request, rt: RuntimeDep) -> None:
-    if rt.settings.metrics_auth:
+    # With API keys on, /metrics wants one too unless METRICS_AUTH=false: the counts per class and
+    # the model hash are not for anyone on the network (a scraper gets a metrics-only key).
+    if rt.metrics_auth:
         request.state.key_id = rt.keys.identify(request.headers.get("authorization"), metrics=True)
 
 
@@ -98,7 +100,7 @@ async def classify(request: Request, rt: RuntimeDep) -> Response:
         body = await read_body(request, rt.settings.max_upload_bytes)
         request.state.upload = body  # the audit line keeps its sha256 and length, never the bytes
         decoder, data = await pick_decoder(request.headers, body)
-        decoded = await rt.decode(decoder, data)
+        decoded = await rt.decode(decoder, data, deadline)
         if decoded.dicom is not None:
             request.state.identifiers = decoded.dicom.identifiers
         prediction = await rt.predict(decoded, deadline)

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +21,7 @@ from service.audit import AuditLog
 from service.auth import ApiKeys
 from service.batcher import Batcher, Prediction
 from service.config import Settings
+from service.decodepool import DecodePool
 from service.errors import DeadlineExceeded, ModelNotReady, ShuttingDown
 from service.imaging import DecodedImage
 from service.inference import InferenceModel
@@ -49,6 +49,7 @@ class Runtime:
             else model.metadata.malignancy_threshold
         )
         self.keys = ApiKeys(settings.key_table(), settings.metrics_only_ids)
+        self.metrics_auth = settings.metrics_key_required(self.keys.enabled)
         self.batcher = Batcher(
             model.run,
             (self.size, self.size, 3),
@@ -57,7 +58,7 @@ class Runtime:
             queue_size=settings.queue_size,
             pad=settings.pad_enabled(model.provider),
         )
-        self._pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="lesionserve-decode")
+        self._pool = DecodePool(settings.resolved_decode_threads(), settings.decode_queue_size)
         self.ready = threading.Event()
         self.draining = False
         self.in_flight = 0
@@ -93,8 +94,6 @@ class Runtime:
         """Stop taking new work: ``/readyz`` and new classify requests answer 503."""
         self.draining = True
         metrics.READY.set(0)
-        if self.audit is not None:
-            self.audit.close()
         log.info("draining: refusing new work", extra={"in_flight": self.in_flight, "queued": self.batcher.depth()})
 
     def idle(self) -> bool:
@@ -129,9 +128,16 @@ class Runtime:
         )  # fmt: skip
 
     def close(self) -> None:
+        """Stop the batcher and the decode pool, then close the audit trail.
+
+        Called after the server has stopped answering (the lifespan's end, after the drain), so every
+        request answered during shutdown has had its audit line written first.
+        """
         self.batcher.close(timeout=self.settings.shutdown_grace_s)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         metrics.READY.set(0)
+        if self.audit is not None:
+            self.audit.close()
 
     @asynccontextmanager
     async def work(self) -> AsyncIterator[float]:
@@ -153,7 +159,7 @@ class Runtime:
         finally:
             self.in_flight -= 1
 
-    async def decode(self, decoder: Decoder, data: bytes) -> DecodedImage:
+    async def decode(self, decoder: Decoder, data: bytes, deadline: float | None = None) -> DecodedImage:
         """Decode in the pool; the batcher is told an image is coming so it may wait for it.
 
         The image stays announced until :meth:`predict` has queued it (or the decode fails):
@@ -162,8 +168,9 @@ class Runtime:
         """
         self.batcher.expect(+1)
         try:
-            loop = asyncio.get_running_loop()
-            decoded = await loop.run_in_executor(self._pool, decoder, data, self.size, self.settings.max_pixels)
+            # The request's deadline covers decoding too; the pool's queue is bounded (503 when full).
+            until = time.monotonic() + self.settings.request_timeout_s if deadline is None else deadline
+            decoded = await self._pool.run(decoder, data, self.size, self.settings.max_pixels, deadline=until)
         except BaseException:
             self.batcher.expect(-1)
             raise

@@ -53,7 +53,7 @@ def test_keys_from_file(client_factory: ClientFactory, tmp_path: Path) -> None:
 
 
 def test_health_open_and_metrics_by_setting(client_factory: ClientFactory) -> None:
-    open_metrics = client_factory(api_keys=f"ris:{KEY_A}")
+    open_metrics = client_factory(api_keys=f"ris:{KEY_A}", metrics_auth=False)  # open only when said so
     assert open_metrics.get("/healthz").status_code == 200
     assert open_metrics.get("/readyz").status_code == 200
     assert open_metrics.get("/metrics").status_code == 200

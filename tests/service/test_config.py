@@ -15,6 +15,7 @@ def test_env_names_and_defaults(monkeypatch: pytest.MonkeyPatch, tiny_onnx: Path
     monkeypatch.setenv("LESIONSERVE_PROVIDERS", "CPUExecutionProvider, CUDAExecutionProvider")
     monkeypatch.setenv("LESIONSERVE_MAX_BATCH_SIZE", "16")
     monkeypatch.setenv("LESIONSERVE_METRICS_AUTH", "true")
+    monkeypatch.setenv("LESIONSERVE_API_KEYS", "ris:" + "k" * 16)  # METRICS_AUTH=true needs keys
     monkeypatch.setenv("LESIONSERVE_MALIGNANCY_THRESHOLD", "0.3")
     s = Settings()  # type: ignore[call-arg]
     assert s.model_path == tiny_onnx and s.host == "0.0.0.0" and s.port == 8000
