@@ -118,12 +118,14 @@ def jpeg_has_end(data: bytes, scan_offset: int) -> bool:
 
 
 def as_rgb_stream(data: bytes) -> bytes:
-    """The same JPEG with its 3 components marked as RGB, so libjpeg applies no YCbCr->RGB transform.
+    """The same JPEG with its 3 components marked as RGB when nothing in the stream says what they are.
 
     DICOM's ``RGB`` photometric interpretation on a JPEG transfer syntax means the encoder applied no
-    colour transform; libjpeg would assume YCbCr for components numbered 1, 2, 3 or a JFIF stream. Its
-    own rule for RGB is component ids 'R', 'G', 'B' without JFIF, or an Adobe marker with transform 0:
-    this rewrites the ids (in SOF and SOS), drops APP0 and zeroes an Adobe transform flag.
+    colour transform, but libjpeg decides from the stream alone: JFIF means YCbCr, an Adobe marker
+    carries a transform flag, and without either it guesses YCbCr for component ids 1, 2, 3 (the
+    ambiguous case: pydicom's SC_jpeg_no_color_transform.dcm). Only that case is rewritten, to
+    libjpeg's own RGB signal: component ids 'R', 'G', 'B' in SOF and SOS. A stream that says what
+    it holds is believed over the DICOM label.
     """
     out, i, ids = bytearray(data[:2]), 2, {}
     while i + 4 <= len(data):
@@ -135,18 +137,17 @@ def as_rgb_stream(data: bytes) -> bytes:
             continue
         (length,) = struct.unpack_from(">H", data, i + 2)
         seg = bytearray(data[i : i + 2 + length])
-        if marker in _SOF_PROCESS and seg[9] == 3:
+        if (marker == _APP0 and seg[4:9] == b"JFIF\0") or (marker == _APP14 and seg[4:9] == b"Adobe"):
+            return data  # the stream declares its colour space itself
+        if marker in _SOF_PROCESS and len(seg) >= 19 and seg[9] == 3:
             for k, new in enumerate(b"RGB"):
                 ids[seg[10 + 3 * k]] = new
                 seg[10 + 3 * k] = new
-        elif marker == _SOS:
+        elif marker == _SOS and len(seg) >= 5 + 2 * seg[4]:
             for k in range(seg[4]):
                 seg[5 + 2 * k] = ids.get(seg[5 + 2 * k], seg[5 + 2 * k])
             return bytes(out + seg) + data[i + 2 + length :]
-        elif marker == _APP14 and seg[4:9] == b"Adobe" and len(seg) >= 16:
-            seg[15] = 0
-        if marker != _APP0:
-            out += seg
+        out += seg
         i += 2 + length
     return data  # no scan found: the decoder will refuse it
 

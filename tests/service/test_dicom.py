@@ -382,7 +382,7 @@ def test_corrupt_codestream_is_invalid_image() -> None:
     rgb = gradient()
     garbage = b"\xff\xd8" + bytes(range(256)) * 4  # framing is fine, the JPEG inside is not
     data = make_dicom(rgb, ts=JPEGBaseline8Bit, photometric="YBR_FULL_422", pixel_bytes=encapsulate([garbage]))
-    with pytest.raises(InvalidImage, match="could not be decoded|corrupt"):
+    with pytest.raises(InvalidImage, match=r"could not be decoded|corrupt"):
         read_dicom(data, max_pixels=MAX_PIXELS)
 
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from service import imaging
-from service.errors import InvalidImage, PayloadTooLarge
 from service.codecs import jpeg_codestream, png_codestream
+from service.errors import InvalidImage, PayloadTooLarge
 from service.imaging import center_crop_resize, decode_image, read_header, reduction_factor
 from tests.conftest import TEST_DATA, shared_data
 from tests.service.conftest import encode, jpeg_bytes, png_bytes
