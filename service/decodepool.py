@@ -67,7 +67,9 @@ class DecodePool:
             return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
         except TimeoutError:
             future.cancel()  # frees the slot now if the decode had not started
-            raise DeadlineExceeded("the request deadline passed while the image was decoding, before inference") from None
+            raise DeadlineExceeded(
+                "the request deadline passed while the image was decoding, before inference"
+            ) from None
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
