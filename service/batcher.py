@@ -104,15 +104,18 @@ class Batcher:
         max_wait_s: how long a batch waits to fill.
         queue_size: images waiting at most; more -> Overloaded (503).
         pad: pad batches with zeros to the next size of :func:`batch_sizes` (fixed shapes on CUDA).
+
+    The limits have no defaults here: :class:`service.config.Settings` is their one source.
     """
 
     def __init__(
         self,
         run: Callable[[np.ndarray], np.ndarray],
         input_shape: tuple[int, int, int],
-        max_batch: int = 8,
-        max_wait_s: float = 0.005,
-        queue_size: int = 64,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        queue_size: int,
         pad: bool = False,
     ) -> None:
         self._run = run

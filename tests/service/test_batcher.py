@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from service.batcher import Batcher, Prediction, batch_sizes, collect_batch
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from tests.conftest import REPO
 from tests.service.conftest import SIZE, FakeModel
 
 SHAPE = (SIZE, SIZE, 3)
@@ -167,6 +170,52 @@ def test_announcements_add_up_and_the_batcher_waits_while_any_is_left() -> None:
     assert took >= 0.25
 
 
+def test_a_retracted_announcement_ends_the_wait_at_once() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=2.0)
+    batcher.expect(+1)  # an image is decoding...
+    try:
+        start = time.monotonic()
+        future = batcher.submit(image(1), far())
+        threading.Timer(0.05, batcher.expect, args=(-1,)).start()  # ...and its decode fails
+        future.result(5)
+        took = time.monotonic() - start
+    finally:
+        batcher.close(5)
+    assert took < 0.5  # the batch left when nothing more was coming, not after max_wait
+
+
+def test_close_of_an_idle_batcher_is_prompt() -> None:
+    batcher = make_batcher(FakeModel())
+    time.sleep(0.1)  # the worker is waiting for a first image
+    start = time.monotonic()
+    batcher.close(5)
+    assert time.monotonic() - start < 0.5
+
+
+def test_close_gives_up_after_its_timeout_when_the_model_hangs() -> None:
+    model, batcher, blocker = busy_batcher()
+    start = time.monotonic()
+    batcher.close(0.2)
+    took = time.monotonic() - start
+    model.gate.set()
+    blocker.result(5)
+    assert took < 2  # the hung run holds the worker for 10 s; close() must not wait for it
+
+
+def test_the_worker_is_a_named_daemon_thread_that_never_holds_the_process() -> None:
+    batcher = make_batcher(FakeModel())
+    try:
+        assert "lesionserve-batcher" in [t.name for t in threading.enumerate()]  # as thread dumps show it
+    finally:
+        batcher.close(5)
+    # a process that ends without close() (a forced stop) must still exit
+    script = "import numpy as np\nfrom service.batcher import Batcher\n" + (
+        "Batcher(lambda b: np.zeros((len(b), 2), np.float32), (4, 4, 3), max_batch=1, max_wait_s=0, queue_size=1).start()"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=20, check=True)
+
+
 def test_queue_full_raises_overloaded_with_retry_after() -> None:
     model = FakeModel()
     model.gate.clear()
@@ -307,7 +356,7 @@ def test_failures_are_logged_once_each_with_the_batch_size(caplog: pytest.LogCap
 def test_a_model_answer_of_the_wrong_shape_fails_the_request(
     answer: Callable[[np.ndarray], np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
-    batcher = Batcher(answer, SHAPE)
+    batcher = Batcher(answer, SHAPE, max_batch=8, max_wait_s=0.0, queue_size=8)
     batcher.start()
     try:
         with pytest.raises(InferenceFailed):
@@ -319,7 +368,7 @@ def test_a_model_answer_of_the_wrong_shape_fails_the_request(
 
 
 def test_wrong_array_is_refused_at_submit() -> None:
-    batcher = Batcher(FakeModel().run, SHAPE)
+    batcher = Batcher(FakeModel().run, SHAPE, max_batch=8, max_wait_s=0.0, queue_size=8)
     with pytest.raises(ValueError, match="expected uint8"):
         batcher.submit(np.zeros(SHAPE, dtype=np.float32), far())
     with pytest.raises(ValueError, match="expected uint8"):
@@ -354,8 +403,8 @@ def test_padding_leaves_a_batch_of_a_fixed_size_as_it_is(n: int) -> None:
 
 def test_warm_up_runs_every_batch_size() -> None:
     model = FakeModel()
-    assert Batcher(model.run, SHAPE, max_batch=4).warm_up() == [1, 2, 3, 4]
-    assert Batcher(model.run, SHAPE, max_batch=8, pad=True).warm_up() == [1, 2, 4, 8]
+    assert Batcher(model.run, SHAPE, max_batch=4, max_wait_s=0.0, queue_size=8).warm_up() == [1, 2, 3, 4]
+    assert Batcher(model.run, SHAPE, max_batch=8, max_wait_s=0.0, queue_size=8, pad=True).warm_up() == [1, 2, 4, 8]
     assert model.batches == [1, 2, 3, 4, 1, 2, 4, 8]
 
 
