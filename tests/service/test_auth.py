@@ -41,8 +41,21 @@ def test_keys_from_env(client_factory: ClientFactory) -> None:
     assert no_bearer.status_code == 401
     assert no_bearer.headers["www-authenticate"].startswith("Bearer")
     assert no_bearer.json()["type"].endswith("/unauthorized")
+    assert no_bearer.json()["detail"] == "send an API key as 'Authorization: Bearer <key>'"
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"authorization": f"Bearer {KEY_A}"}).status_code == 200
+
+
+@pytest.mark.parametrize("authorization", [f"Basic {KEY_A}", f"Token {KEY_A}", "Bearer ", "Bearer    ", ""])
+def test_a_valid_key_under_another_scheme_or_no_key_is_refused(
+    client_factory: ClientFactory, authorization: str
+) -> None:
+    client = client_factory(api_keys=f"ris:{KEY_A}")
+    resp = client.post("/v1/classify", content=jpeg_bytes(), headers={"authorization": authorization})
+    assert resp.status_code == 401
+    assert resp.json()["detail"] == "send an API key as 'Authorization: Bearer <key>'"
+    wrong = client.post("/v1/classify", content=jpeg_bytes(), headers={"authorization": f"Bearer {KEY_A}x"})
+    assert (wrong.status_code, wrong.json()["detail"]) == (401, "the API key is not valid")
 
 
 def test_keys_from_file(client_factory: ClientFactory, tmp_path: Path) -> None:
@@ -118,6 +131,7 @@ def test_metrics_only_key_gets_403_elsewhere_and_reads_metrics(client_factory: C
     refused = client.post("/v1/classify", content=jpeg_bytes(),
                           headers={"content-type": "image/jpeg", "authorization": f"Bearer {KEY_B}"})  # fmt: skip
     assert refused.status_code == 403 and refused.json()["type"].endswith("/forbidden")
+    assert refused.json()["detail"] == "API key 'scraper' may only read /metrics"
     assert KEY_B not in refused.text
     assert client.get("/v1/models", headers={"authorization": f"Bearer {KEY_B}"}).status_code == 403
     assert client.get("/metrics", headers={"authorization": f"Bearer {KEY_B}"}).status_code == 200
