@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-DERMOSCOPIC = "1.2.840.10008.5.1.4.1.1.77.1.7"
+DERMOSCOPIC = UID("1.2.840.10008.5.1.4.1.1.77.1.7")
 # Canary patient values: a test fails if any of these reaches a log (tests/service/test_phi_canary.py).
 CANARY_NAME, CANARY_BIRTH_DATE, CANARY_MRN = "CANARY^PATIENT^QX", "19230607", "MRN-CANARY-7Q3Z"
 

@@ -1,7 +1,7 @@
 """A real Prometheus, with this repository's scrape config and rules, scrapes a running lesionserve.
 
 Only the targets are rewritten (lesionserve -> the test's loopback port, Prometheus' self-scrape
--> its own test port) and the rule glob made absolute; job name, metrics path, scheme,
+-> its own test port) and the rule glob and key file made absolute; job name, metrics path, scheme,
 intervals and labels are the repository's. Everything listens on 127.0.0.1 and is stopped.
 """
 
@@ -29,6 +29,9 @@ def _test_config(service_port: int, prom_port: int) -> dict[str, Any]:
     config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     config["rule_files"] = [str(DEPLOY / "prometheus" / f) for f in config["rule_files"]]
     for job in config["scrape_configs"]:
+        if "authorization" in job:  # relative to the repository's config, which is not where this one is
+            auth = job["authorization"]
+            auth["credentials_file"] = str(DEPLOY / "prometheus" / auth["credentials_file"])
         port = service_port if job["job_name"] == "lesionserve" else prom_port
         for static in job["static_configs"]:
             static["targets"] = [f"127.0.0.1:{port}"]
