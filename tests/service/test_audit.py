@@ -9,18 +9,19 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 
 from service.audit import AUDIT_LOGGER, AuditLog
 from service.dicom import read_dicom
-from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from service.fhir import diagnostic_report
+from service.errors import UnsupportedMediaType
+from service.logs import JsonFormatter
 from tests.conftest import TEST_DATA, shared_data
 
 COMMITTED = sorted((TEST_DATA / "dicom").glob("*.dcm"))
@@ -170,7 +171,7 @@ def test_uid_key_gives_hmac(logger_name: str, capsys: pytest.CaptureFixture[str]
     assert written["dicom"]["StudyInstanceUID"] != hashlib.sha256(uid.encode()).hexdigest()
 
 
-# ---- no patient name or ID in anything logged while handling the DICOM files ----------------
+# ---- no patient name or ID in anything logged while the real route handles the DICOM files ---------
 
 
 def patient_fields(data: bytes) -> set[str]:
@@ -187,54 +188,48 @@ def assert_absent(phi: set[str], text: str) -> None:
         assert not re.search(pattern, text), f"patient field {value!r} leaked into a log"
 
 
-def handle_like_the_service(log: AuditLog, data: bytes) -> None:
-    """What the route will do: read, report, audit; errors audited with their problem type."""
+def run_files(
+    paths: list[Path], tmp_path: Path, client_factory: Callable[..., TestClient], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Each file, whole and cut in half, through POST /v1/classify (DICOM body and FHIR answer), with the
+    app log in the service's JSON format at DEBUG, the audit file and stderr (fd level) captured."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    audit = tmp_path / "audit.jsonl"
     try:
-        image = read_dicom(data, max_pixels=40_000_000)
-    except (InvalidImage, UnsupportedMediaType, PayloadTooLarge) as exc:
-        logging.getLogger("service.routes").info("refused: %s", exc.detail)
-        record(log, body=data, content_type="application/dicom", status=exc.status, problem_type=exc.type_uri())
-        return
-    answer = {
-        "request_id": "r",
-        "model": MODEL,
-        "predictions": [{"code": "nv", "name": "Nevus", "probability": 1.0}],
-        "top": {"code": "nv", "name": "Nevus", "probability": 1.0},
-        "malignancy": {"score": 0.0, "threshold": 0.5, "above_threshold": False, "classes": ["mel"]},
-    }
-    report = diagnostic_report(answer, identifiers=image.identifiers, issued=datetime.now(UTC))
-    logging.getLogger("service.routes").info("answered %s", json.dumps(report))
-    record(log, body=data, content_type="application/dicom", identifiers=image.identifiers)
-
-
-def run_files(paths: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: Any, name: str) -> None:
-    caplog.set_level(logging.DEBUG)
-    file_log = AuditLog(tmp_path / "audit.jsonl", logger_name=name + ".file")
-    stderr_log = AuditLog(None, logger_name=name)
-    phi: set[str] = set()
-    for path in paths:
-        data = path.read_bytes()
-        phi |= patient_fields(data)
-        for body in (data, data[: len(data) // 2]):  # whole and truncated
-            handle_like_the_service(stderr_log, body)
-            handle_like_the_service(file_log, body)
-    file_log.close()
-    stderr_log.close()
+        client = client_factory(audit_log=str(audit), log_level="DEBUG")
+        phi: set[str] = set()
+        for path in paths:
+            data = path.read_bytes()
+            phi |= patient_fields(data)
+            for body in (data, data[: len(data) // 2]):
+                for accept in ("application/json", "application/fhir+json"):
+                    r = client.post(
+                        "/v1/classify", content=body, headers={"content-type": "application/dicom", "accept": accept}
+                    )
+                    assert r.status_code in (200, 400, 415), r.text
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
     assert phi, "the files should carry (synthetic) patient fields for this test to mean anything"
-    captured = capsys.readouterr()
-    audit_file = (tmp_path / "audit.jsonl").read_text()
-    assert len(lines(audit_file)) == 2 * len(paths)
-    assert_absent(phi, caplog.text + captured.out + captured.err + audit_file)
+    out, err = capfd.readouterr()
+    audit_text = audit.read_text()
+    assert len(lines(audit_text)) == 4 * len(paths)
+    assert_absent(phi, stream.getvalue() + out + err + audit_text)
 
 
 def test_no_patient_fields_in_logs_committed_files(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], logger_name: str
+    tmp_path: Path, client_factory: Callable[..., TestClient], capfd: pytest.CaptureFixture[str]
 ) -> None:
-    run_files(COMMITTED, tmp_path, caplog, capsys, logger_name)
+    run_files(COMMITTED, tmp_path, client_factory, capfd)
 
 
 def test_no_patient_fields_in_logs_shared_files(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], logger_name: str
+    tmp_path: Path, client_factory: Callable[..., TestClient], capfd: pytest.CaptureFixture[str]
 ) -> None:
     paths = sorted(shared_data("dicom").glob("*/*.dcm"))
-    run_files(paths, tmp_path, caplog, capsys, logger_name)
+    run_files(paths, tmp_path, client_factory, capfd)
