@@ -56,6 +56,8 @@ def test_a_valid_key_under_another_scheme_or_no_key_is_refused(
     assert resp.json()["detail"] == "send an API key as 'Authorization: Bearer <key>'"
     wrong = client.post("/v1/classify", content=jpeg_bytes(), headers={"authorization": f"Bearer {KEY_A}x"})
     assert (wrong.status_code, wrong.json()["detail"]) == (401, "the API key is not valid")
+    for refused in (resp, wrong):  # RFC 6750: a 401 names the scheme it wants
+        assert refused.headers["www-authenticate"] == 'Bearer realm="lesionserve"'
 
 
 def test_keys_from_file(client_factory: ClientFactory, tmp_path: Path) -> None:
