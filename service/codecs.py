@@ -137,7 +137,9 @@ def as_rgb_stream(data: bytes) -> bytes:
             continue
         (length,) = struct.unpack_from(">H", data, i + 2)
         seg = bytearray(data[i : i + 2 + length])
-        if (marker == _APP0 and seg[4:9] == b"JFIF\0") or (marker == _APP14 and seg[4:9] == b"Adobe"):
+        # libjpeg's own test: a JFIF segment of 14+ bytes, an Adobe one of 12+ (a shorter one is ignored).
+        jfif = marker == _APP0 and seg[4:9] == b"JFIF\0" and length - 2 >= 14
+        if jfif or (marker == _APP14 and seg[4:9] == b"Adobe" and length - 2 >= 12):
             return data  # the stream declares its colour space itself
         if marker in _SOF_PROCESS and len(seg) >= 19 and seg[9] == 3:
             for k, new in enumerate(b"RGB"):
@@ -288,13 +290,13 @@ def _jp2_payload(data: bytes) -> bytes:
 # ---- RLE (DICOM PS3.5 Annex G) ----------------------------------------------------------------------
 
 
-def rle_segments(frame: bytes) -> int:
-    """The number of segments an RLE frame header declares, after checking its offsets are in range."""
-    if len(frame) < 64:
+def rle_segments(header: bytes, frame_len: int) -> int:
+    """The number of segments an RLE frame header (its first 64 bytes) declares, offsets checked in range."""
+    if len(header) < 64 or frame_len < 64:
         raise InvalidImage("the RLE frame header is truncated")
-    count, *offsets = struct.unpack_from("<16I", frame)
+    count, *offsets = struct.unpack_from("<16I", header)
     used = offsets[:count]
-    if not 1 <= count <= 15 or used[0] != 64 or used != sorted(used) or used[-1] >= len(frame):
+    if not 1 <= count <= 15 or used[0] != 64 or used != sorted(used) or used[-1] >= frame_len:
         raise InvalidImage("the RLE frame header is malformed")
     return int(count)
 

@@ -12,6 +12,7 @@ the upload, not a copy.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import cv2
@@ -39,6 +40,7 @@ _PLUGIN = {
     pydicom.uid.RLELossless: "pylibjpeg",
 }
 _YBR = ("YBR_FULL", "YBR_FULL_422")
+_HEAD_BYTES = 1 << 20  # codec headers (JPEG APPn segments are 64 KiB at most each) end well before this
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,10 @@ def decode_first_frame(
     start, end = value
     if not ts.is_compressed:
         return _native(data, start, end, image)
-    try:
-        frame = get_frame(data[start:end], 0, number_of_frames=image.frames)
-    except Exception as exc:  # pydicom's fragment parser raises ValueError/struct.error on garbage
-        raise InvalidImage(f"DICOM encapsulated Pixel Data is malformed ({type(exc).__name__})") from None
+    frame = _first_frame(data, start, end, image.frames)
+    head = bytes(frame[:_HEAD_BYTES])  # the codec headers are at the start of the frame
     if ts in _JPEG_DCT or ts in _JPEG_LOSSLESS:
-        info = _matching(codecs.jpeg_codestream(frame), image, "JPEG")
+        info = _matching(codecs.jpeg_codestream(head), image, "JPEG")
         if (ts in _JPEG_LOSSLESS) != (info.process == "lossless"):
             raise InvalidImage(f"the DICOM transfer syntax {ts.name} does not match its {info.process} JPEG data")
         factor = reduction_factor(info, min_side) if min_side else 1
@@ -90,19 +90,19 @@ def decode_first_frame(
         rgb = decode_jpeg_rgb(frame, info, factor, rgb_stream=as_rgb)
         return _ybr_to_rgb(rgb) if info.process == "lossless" and image.photometric in _YBR else rgb
     if ts in _JPEG_LS:
-        info = _matching(codecs.jpeg_codestream(frame), image, "JPEG-LS")
+        info = _matching(codecs.jpeg_codestream(head), image, "JPEG-LS")
         if info.process != "jpeg-ls":
             raise InvalidImage(f"the DICOM transfer syntax {ts.name} does not match its {info.process} JPEG data")
     elif ts in _J2K:
-        info = _matching(codecs.j2k_codestream(frame), image, "JPEG 2000")
+        info = _matching(codecs.j2k_codestream(head), image, "JPEG 2000")
     else:  # RLE: the segments are the samples; the size is the header's
-        if codecs.rle_segments(frame) != 3:
+        if codecs.rle_segments(bytes(frame[:64]), len(frame)) != 3:
             raise InvalidImage("the DICOM header declares 3 samples per pixel but its RLE frame has another count")
         info = Codestream("rle", image.cols, image.rows, 3, 8)
-    codecs.check_budget(
-        info, budget, f"a DICOM {info.process.upper()} frame", extra=_conversion_bytes(image, info.pixels)
-    )
-    return _with_pydicom(frame, ts, image)
+    # pydicom's decoders take the encapsulated value (one copy) and cut the frame from it (another).
+    extra = _conversion_bytes(image, info.pixels) + 2 * (end - start)
+    codecs.check_budget(info, budget, f"a DICOM {info.process.upper()} frame", extra=extra)
+    return _with_pydicom(data[start:end], ts, image)
 
 
 def _matching(info: Codestream, image: ImageModule, codec: str) -> Codestream:
@@ -140,14 +140,32 @@ def _native(data: bytes, start: int, end: int, image: ImageModule) -> np.ndarray
     return _ybr_to_rgb(rgb) if image.photometric in _YBR else rgb
 
 
-def _with_pydicom(frame: bytes, ts: UID, image: ImageModule) -> np.ndarray:
+def _first_frame(data: bytes, start: int, end: int, frames: int) -> bytes | memoryview:
+    """Frame 0 of the encapsulated value at ``data[start:end]`` (framing already checked).
+
+    The usual single-frame, single-fragment object gets a view into the upload; anything else is cut
+    out by pydicom (which follows the offset tables).
+    """
+    (bot_len,) = struct.unpack_from("<I", data, start + 4)
+    first = start + 8 + bot_len  # the first fragment item
+    (frag_len,) = struct.unpack_from("<I", data, first + 4)
+    after = first + 8 + frag_len
+    if frames == 1 and data[after : after + 4] == b"\xfe\xff\xdd\xe0":  # then the sequence delimiter
+        return memoryview(data)[first + 8 : after]
     try:
-        # The frame alone, as a one-frame encapsulated value: no second parse of the whole object.
+        return get_frame(data[start:end], 0, number_of_frames=frames)
+    except Exception as exc:  # pydicom's fragment parser raises ValueError/struct.error on garbage
+        raise InvalidImage(f"DICOM encapsulated Pixel Data is malformed ({type(exc).__name__})") from None
+
+
+def _with_pydicom(value: bytes, ts: UID, image: ImageModule) -> np.ndarray:
+    try:
+        # The encapsulated value with the header's module as keywords: no second parse of the object.
         arr, meta = get_decoder(ts).as_array(
-            pydicom.encaps.encapsulate([frame]),
+            value,
             index=0,
             decoding_plugin=_PLUGIN[ts],
-            **_options(image, 1),  # type: ignore[arg-type]  # pydicom types **kwargs as DecodeOptions
+            **_options(image, image.frames),  # type: ignore[arg-type]  # pydicom types **kwargs as DecodeOptions
         )
     except ServiceError:
         raise

@@ -126,7 +126,9 @@ def reduction_factor(info: Codestream, size: int) -> int:
     return 1
 
 
-def decode_jpeg_rgb(data: bytes, info: Codestream, factor: int = 1, *, rgb_stream: bool = False) -> np.ndarray:
+def decode_jpeg_rgb(
+    data: bytes | memoryview, info: Codestream, factor: int = 1, *, rgb_stream: bool = False
+) -> np.ndarray:
     """Strict libjpeg-turbo decode of a JPEG (DCT or lossless) to (H/f, W/f, 3) RGB.
 
     Args:
@@ -143,7 +145,7 @@ def decode_jpeg_rgb(data: bytes, info: Codestream, factor: int = 1, *, rgb_strea
         raise UnsupportedMediaType(
             f"{info.precision}-bit JPEG with {info.components} component(s) ({info.process}) is not supported"
         )
-    stream = codecs.as_rgb_stream(data) if rgb_stream and info.components == 3 else data
+    stream = codecs.as_rgb_stream(bytes(data)) if rgb_stream and info.components == 3 else data
     min_h, min_w = -(-info.height // factor), -(-info.width // factor)  # exactly 1/factor
     try:
         if info.components == 4:  # Adobe CMYK/YCCK: libjpeg gives (inverted) CMYK, converted below
