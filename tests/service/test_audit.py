@@ -191,7 +191,7 @@ def assert_absent(phi: set[str], text: str) -> None:
 def run_files(
     paths: list[Path], tmp_path: Path, client_factory: Callable[..., TestClient], capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Each file, whole and cut in half, through POST /v1/classify (DICOM body and FHIR answer), with the
+    """Each file, whole and damaged, through POST /v1/classify (DICOM body and FHIR answer), with the
     app log in the service's JSON format at DEBUG, the audit file and stderr (fd level) captured."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -206,7 +206,10 @@ def run_files(
         for path in paths:
             data = path.read_bytes()
             phi |= patient_fields(data)
-            for body in (data, data[: len(data) // 2]):
+            # whole, cut in half (refused at the Pixel Data framing), and with Rows renamed to a private
+            # tag (refused inside the header read): the refusal paths must not log the dataset either
+            no_rows = data.replace(b"\x28\x00\x10\x00", b"\x29\x00\x10\x00", 1)
+            for body in (data, data[: len(data) // 2], no_rows):
                 for accept in ("application/json", "application/fhir+json"):
                     r = client.post(
                         "/v1/classify", content=body, headers={"content-type": "application/dicom", "accept": accept}
@@ -218,7 +221,7 @@ def run_files(
     assert phi, "the files should carry (synthetic) patient fields for this test to mean anything"
     out, err = capfd.readouterr()
     audit_text = audit.read_text()
-    assert len(lines(audit_text)) == 4 * len(paths)
+    assert len(lines(audit_text)) == 6 * len(paths)
     assert_absent(phi, stream.getvalue() + out + err + audit_text)
 
 
