@@ -7,6 +7,7 @@ import io
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -58,7 +59,8 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in ("as_array", "iter_array", "as_buffer", "iter_buffer"):
         monkeypatch.setattr(Decoder, name, boom)
-    monkeypatch.setattr(simplejpeg, "decode_jpeg", boom)  # read_dicom decodes every JPEG with libjpeg-turbo
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", boom)  # every JPEG, plain or in DICOM, goes to libjpeg-turbo
+    monkeypatch.setattr(cv2, "imdecode", boom)  # PNG uploads
 
 
 def gradient(rows: int = 24, cols: int = 32, seed: int = 0) -> np.ndarray:

@@ -9,9 +9,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 import pytest
-import simplejpeg
 from fastapi.testclient import TestClient
-from pydicom.pixels.decoders.base import Decoder
 
 from service import codecs
 from service.bench import streams
@@ -19,27 +17,11 @@ from service.bench.streams import TS, pattern
 from service.dicom import read_dicom
 from service.errors import InvalidImage, PayloadTooLarge
 from service.imaging import decode_budget, decode_image
+from tests.service.test_dicom import no_decoding  # noqa: F401  # the fixture: every pixel decoder raises
 
 ClientFactory = Callable[..., TestClient]
 IMG = pattern(48, 64)
 LIMIT = 50_000_000
-
-
-class DecoderCalled(BaseException):
-    """Not an Exception: no guard in the service may swallow it."""
-
-
-@pytest.fixture
-def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every pixel decoder the service (today or before) can reach raises DecoderCalled."""
-
-    def boom(*args: object, **kwargs: object) -> None:
-        raise DecoderCalled("a pixel decoder was called")
-
-    for name in ("as_array", "iter_array", "as_buffer", "iter_buffer"):
-        monkeypatch.setattr(Decoder, name, boom)
-    monkeypatch.setattr(cv2, "imdecode", boom)
-    monkeypatch.setattr(simplejpeg, "decode_jpeg", boom)
 
 
 def classify(client: TestClient, data: bytes, content_type: str = "application/dicom") -> dict[str, object]:
@@ -60,8 +42,9 @@ BOMBS = {
 
 
 @pytest.mark.parametrize("kind", sorted(BOMBS))
+@pytest.mark.usefixtures("no_decoding")
 def test_codestream_larger_than_its_dicom_header_is_400_without_decoding(
-    client_factory: ClientFactory, no_decoding: None, kind: str
+    client_factory: ClientFactory, kind: str
 ) -> None:
     ts, photometric, make = BOMBS[kind]
     data = streams.dicom([make()], 48, 64, ts, photometric)  # the header says 64x48
@@ -72,7 +55,8 @@ def test_codestream_larger_than_its_dicom_header_is_400_without_decoding(
 
 
 @pytest.mark.parametrize("kind", ["jpeg-baseline", "jpeg-ls"])
-def test_component_count_other_than_the_header_is_400(no_decoding: None, kind: str) -> None:
+@pytest.mark.usefixtures("no_decoding")
+def test_component_count_other_than_the_header_is_400(kind: str) -> None:
     ts, photometric, _ = BOMBS[kind]
     encoded = streams.jpeg(IMG) if kind == "jpeg-baseline" else streams.jpeg_ls(IMG)
     data = streams.dicom([streams.forge_jpeg_size(encoded, 64, 48, components=1)], 48, 64, ts, photometric)
@@ -80,20 +64,23 @@ def test_component_count_other_than_the_header_is_400(no_decoding: None, kind: s
         read_dicom(data, max_pixels=LIMIT)
 
 
-def test_rle_frame_with_another_segment_count_is_400(no_decoding: None) -> None:
+@pytest.mark.usefixtures("no_decoding")
+def test_rle_frame_with_another_segment_count_is_400() -> None:
     frame = bytearray(streams.rle(IMG))
     frame[0] = 1  # declares one segment (greyscale) behind a 3-sample header
     with pytest.raises(InvalidImage, match="RLE"):
         read_dicom(streams.dicom([bytes(frame)], 48, 64, TS.RLELossless), max_pixels=LIMIT)
 
 
-def test_transfer_syntax_and_jpeg_process_must_agree(no_decoding: None) -> None:
+@pytest.mark.usefixtures("no_decoding")
+def test_transfer_syntax_and_jpeg_process_must_agree() -> None:
     data = streams.dicom([streams.jpeg(IMG)], 48, 64, TS.JPEGLosslessSV1)  # a DCT stream labelled lossless
     with pytest.raises(InvalidImage, match="does not match"):
         read_dicom(data, max_pixels=LIMIT)
 
 
-def test_native_pixel_data_shorter_than_declared_is_400(no_decoding: None) -> None:
+@pytest.mark.usefixtures("no_decoding")
+def test_native_pixel_data_shorter_than_declared_is_400() -> None:
     data = streams.dicom(IMG.tobytes()[: 48 * 64 * 3 - 300], 48, 64)
     with pytest.raises(InvalidImage, match="holds"):
         read_dicom(data, max_pixels=LIMIT)
@@ -102,7 +89,8 @@ def test_native_pixel_data_shorter_than_declared_is_400(no_decoding: None) -> No
 # ---- within the pixel limit but over the decode memory budget: 413 before decoding --------------------
 
 
-def test_j2k_over_the_memory_budget_is_413_before_decoding(client_factory: ClientFactory, no_decoding: None) -> None:
+@pytest.mark.usefixtures("no_decoding")
+def test_j2k_over_the_memory_budget_is_413_before_decoding(client_factory: ClientFactory) -> None:
     side = 4000  # 16 Mpx: under max_pixels, but openjpeg needs ~16 bytes a pixel
     data = streams.dicom([streams.forge_j2k_size(streams.j2k(IMG), side, side)], side, side, TS.JPEG2000Lossless)
     body = classify(client_factory(max_pixels=20_000_000), data)
