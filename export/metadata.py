@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 
-from export.wrappers import IMAGENET_MEAN, IMAGENET_STD, tta_views
+from export.wrappers import tta_views
 from service.contract import ModelMetadata
 from train.checkpoint import Checkpoint
 from train.data import DISPLAY_NAMES, HAM_DATASET
@@ -149,9 +149,12 @@ def build_metadata(
             "input": "uint8 RGB NHWC [N, S, S, 3]",
             "crop": "center_square",
             "resize": "cv2.INTER_AREA",
-            "in_graph": "cast float32, /255, ImageNet mean/std, NHWC->NCHW, TTA views, logits/temperature, softmax",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "in_graph": "cast float32, NHWC->NCHW, TTA views, /255 and each member's mean/std,"
+            " logits/temperature, softmax",
+            # One normalisation per member (on [0, 1] pixels): mixed ensembles normalise per backbone.
+            "normalization": [{"arch": c.arch, "mean": list(c.norm()[0]), "std": list(c.norm()[1])} for c in ckpts],
+            "mean": list(first.norm()[0]),
+            "std": list(first.norm()[1]),
             "backbone_dtype": "float16" if fp16 else "float32",
         },
         tta=list(tta_views(tta)),

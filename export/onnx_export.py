@@ -95,7 +95,7 @@ def build_module(
     views = tta_views(tta)
 
     def wrap(group: Sequence[Checkpoint], half: bool) -> LesionModel:
-        return LesionModel([CalibratedMember(c.build(), c.temperature, half) for c in group], views)
+        return LesionModel([CalibratedMember(c.build(), c.temperature, half, *c.norm()) for c in group], views)
 
     reference = wrap(ckpts, False)
     singles = [wrap([c], False) for c in ckpts] if len(ckpts) > 1 else []

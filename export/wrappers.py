@@ -58,8 +58,18 @@ def tta_views(tta: str) -> tuple[str, ...]:
     return TTA_VIEWS[tta]
 
 
-class Preprocess(nn.Module):
-    """uint8 ``(N, S, S, 3)`` RGB -> float32 ``(N, 3, S, S)`` normalised with ImageNet mean/std."""
+def to_nchw_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, S, S, 3)`` RGB -> float32 ``(N, 3, S, S)`` on 0-255 (no scaling yet)."""
+    return image.permute(0, 3, 1, 2).to(torch.float32)
+
+
+class Normalize(nn.Module):
+    """float ``(B, 3, S, S)`` on 0-255 -> the backbone's normalised input.
+
+    Normalisation belongs to the backbone (ResNets: ImageNet mean/std; EfficientNet-Lite's ImageNet
+    weights: (x - 127) / 128), so each ensemble member carries its own; the TTA views are pixel
+    permutations and commute with it, so they run once on the raw pixels before.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -70,9 +80,19 @@ class Preprocess(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).to(torch.float32)  # (N, 3, S, S)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class Preprocess(nn.Module):
+    """uint8 ``(N, S, S, 3)`` RGB -> float32 ``(N, 3, S, S)`` normalised with ``mean``/``std`` (on [0, 1])."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.normalize(to_nchw_float(image))
 
 
 class TTAViews(nn.Module):
@@ -98,23 +118,33 @@ class TTAViews(nn.Module):
 
 
 class CalibratedMember(nn.Module):
-    """One ensemble member: backbone logits / temperature -> softmax, float32 out.
+    """One ensemble member: its normalisation, backbone logits / temperature -> softmax, float32 out.
 
     Args:
         backbone: eval-mode classifier ``(B, 3, S, S) -> (B, K)`` logits.
         temperature: the member's fitted temperature (> 0).
         fp16: run the backbone in float16 (weights stored in half precision); softmax stays float32.
+        mean, std: the input normalisation the backbone was trained with (on [0, 1] pixels).
     """
 
-    def __init__(self, backbone: nn.Module, temperature: float, fp16: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        temperature: float,
+        fp16: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.normalize = Normalize(mean, std)
         self.backbone = backbone.eval().half() if fp16 else backbone.eval()
         self.temperature = float(temperature)
         self.fp16 = fp16
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) float32 -> (B, K) float32
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) float32 on 0-255 -> (B, K) float32
+        x = self.normalize(x)
         logits = self.backbone(x.half() if self.fp16 else x).to(torch.float32)
         return torch.softmax(logits / self.temperature, dim=-1)
 
@@ -131,13 +161,12 @@ class LesionModel(nn.Module):
         super().__init__()
         if not members:
             raise ValueError("an export needs at least one member")
-        self.preprocess = Preprocess()
         self.tta = TTAViews(views)
         self.members = nn.ModuleList(members)
         self.n_views = len(views)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # (N, S, S, 3) uint8 -> (N, K) float32
-        x = self.tta(self.preprocess(image))  # (V*N, 3, S, S)
+        x = self.tta(to_nchw_float(image))  # (V*N, 3, S, S) on 0-255; each member normalises its own way
         n = image.shape[0]
         # Each member: (V*N, K) -> (V, N, K) -> mean over views; then the mean over members.
         per_member = [m(x).reshape(self.n_views, n, -1).mean(dim=0) for m in self.members]

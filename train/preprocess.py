@@ -35,7 +35,10 @@ def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-# ImageNet statistics: the model input normalisation. export/ writes the same values into the
-# ONNX graph, so training and serving normalise identically.
+# ImageNet statistics: the ResNet family's input normalisation.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) per RGB channel on [0, 1] pixels; each architecture declares its own
+# (train.models.input_normalization), the checkpoint stores it and export bakes it into the graph.
+Norm = tuple[tuple[float, ...], tuple[float, ...]]
+IMAGENET_NORM: Norm = (IMAGENET_MEAN, IMAGENET_STD)

@@ -21,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 from train.checkpoint import Checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.data import LabelledSet, load_images, load_labelled
+from train.distill import Distiller, load_teachers
 from train.engine import Dist, Split, fit, predict_logits
 from train.losses import build_loss
 from train.metrics import compute_metrics, fit_temperature
-from train.models import build_model, load_pretrained
+from train.models import build_model, input_normalization, load_pretrained, resolve_pretrained
 from train.report import write_plots, write_report
 from train.splits import grouped_kfold, grouped_split, limit_indices
 
@@ -65,7 +66,7 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
 
 def train_one(
     cfg: TrainConfig, data: LabelledSet, x: torch.Tensor, parts: dict[str, np.ndarray], out: Path,
-    device: torch.device, d: Dist,
+    device: torch.device, d: Dist, distiller: Distiller | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Fit one model on ``parts['train']``, select and calibrate on ``parts['val']``, report on test."""
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,8 @@ def train_one(
     classes = data.classes
     model = build_model(cfg.arch, len(classes), head=cfg.head, dropout=cfg.dropout, hidden=cfg.hidden)
     if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+        load_pretrained(model, resolve_pretrained(cfg.arch, cfg.pretrained))
+    mean, std = norm = input_normalization(cfg.arch)
     model = model.to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -92,14 +94,16 @@ def train_one(
             model_state={k: v.detach().cpu().clone() for k, v in state.items()},
             head=cfg.head, dropout=cfg.dropout, hidden=cfg.hidden, class_names=data.class_names,
             temperature=t, metrics=metrics, config=cfg.to_dict(), epoch=epoch, dataset=data.dataset,
+            normalization={"mean": list(mean), "std": list(std)},
         )  # fmt: skip
 
     tr, va, te = (Split(x[parts[k]], y[parts[k]]) for k in ("train", "val", "test"))
-    res = fit(cfg, net, loss_fn, tr, va, classes, out, make_ckpt, device, d)
+    kd = distiller.select(parts["train"]) if distiller is not None else None
+    res = fit(cfg, net, loss_fn, tr, va, classes, out, make_ckpt, device, d, kd)
     model.load_state_dict(res.best_state)
     batch = max(cfg.batch_size, 128)
     cl = device.type == "cuda" and cfg.channels_last
-    val_logits = predict_logits(model, va.x, batch, device, cl)
+    val_logits = predict_logits(model, va.x, batch, device, cl, norm)
     val_y = va.y.numpy()
     t = fit_temperature(val_logits, val_y)
     val_raw, val_cal = compute_metrics(val_logits, val_y, classes), compute_metrics(val_logits, val_y, classes, t)
@@ -116,7 +120,7 @@ def train_one(
     }
     eval_logits, eval_y, eval_m = val_logits, val_y, val_cal
     if len(te.y):
-        eval_logits, eval_y = predict_logits(model, te.x, batch, device, cl), te.y.numpy()
+        eval_logits, eval_y = predict_logits(model, te.x, batch, device, cl, norm), te.y.numpy()
         summary["test_uncalibrated"] = compute_metrics(eval_logits, eval_y, classes)
         summary["test"] = eval_m = compute_metrics(eval_logits, eval_y, classes, t)
     # metrics.json's top level = the held-out set (test when there is one) for quick reading
@@ -157,10 +161,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if d.main:
         cfg.save(out / "config.yaml")
     x = torch.from_numpy(load_images(data.paths, cfg.img_size, cfg.load_workers))
+    distiller = None
+    if cfg.teacher:  # teacher outputs for every image once; each fold takes its training rows
+        distiller = Distiller(load_teachers(cfg.teacher, data.paths, data.classes, device), cfg.kd_alpha,
+                              cfg.kd_temperature)  # fmt: skip
     if cfg.folds < 2:
         parts = grouped_split(data.labels, data.groups, data.classes, cfg.val_frac, cfg.test_frac, cfg.seed)
         _write_split(out, data, parts, d)
-        return train_one(cfg, data, x, parts, out, device, d)
+        return train_one(cfg, data, x, parts, out, device, d, distiller)
     outer = grouped_split(data.labels, data.groups, data.classes, 0.0, cfg.test_frac, cfg.seed)
     rest = outer["train"]
     folds = grouped_kfold(data.labels[rest], [data.groups[i] for i in rest], data.classes, cfg.folds, cfg.seed)
@@ -169,7 +177,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         parts = {"train": rest[f["train"]], "val": rest[f["val"]], "test": outer["test"]}
         log.info("fold %d/%d: %s", i + 1, cfg.folds, {k: len(v) for k, v in parts.items()})
         _write_split(out / f"fold{i}", data, parts, d)
-        results.append(train_one(cfg, data, x, parts, out / f"fold{i}", device, d))
+        results.append(train_one(cfg, data, x, parts, out / f"fold{i}", device, d, distiller))
     keys = ("balanced_accuracy", "macro_f1", "auc_macro", "accuracy", "ece")
     summary = {
         "folds": cfg.folds,

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.wrappers import VIEW_FNS, CalibratedMember, LesionModel, Preprocess, TTAViews, UnknownTTAError, tta_views
+from export.wrappers import (
+    VIEW_FNS,
+    CalibratedMember,
+    LesionModel,
+    Normalize,
+    Preprocess,
+    TTAViews,
+    UnknownTTAError,
+    to_nchw_float,
+    tta_views,
+)
 from service.contract import TTA_VIEWS
 from train.models import build_model
 
@@ -40,9 +50,9 @@ def test_preprocess_is_imagenet_normalisation_in_nchw() -> None:
 
 def test_member_divides_logits_by_its_temperature() -> None:
     backbone = build_model("resnet18", 3).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32) * 255  # members take 0-255 pixels and normalise them their own way
     with torch.no_grad():
-        expected = torch.softmax(backbone(x) / 2.5, dim=-1)
+        expected = torch.softmax(backbone(Normalize()(x)) / 2.5, dim=-1)
         torch.testing.assert_close(CalibratedMember(backbone, 2.5)(x), expected)
     with pytest.raises(ValueError, match="temperature"):
         CalibratedMember(backbone, 0.0)
@@ -55,7 +65,7 @@ def test_model_averages_views_then_members() -> None:
     views = TTA_VIEWS["flips"]
     with torch.no_grad():
         out = LesionModel([a, b], views)(image)
-        x = Preprocess()(image)
+        x = to_nchw_float(image)
         by_hand = torch.stack([torch.stack([m(VIEW_FNS[v](x)) for v in views]).mean(0) for m in (a, b)]).mean(0)
     assert out.shape == (3, 4)
     torch.testing.assert_close(out, by_hand, atol=1e-6, rtol=1e-5)
@@ -69,3 +79,29 @@ def test_dihedral_model_is_invariant_in_torch() -> None:
         base = model(image)
         torch.testing.assert_close(model(torch.rot90(image, 1, (1, 2))), base, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(image.flip(2)), base, atol=1e-6, rtol=0)
+
+
+def test_each_member_normalises_with_its_own_statistics() -> None:
+    """A mixed ensemble (ResNet: ImageNet mean/std; Lite: (x - 127) / 128) normalises per member."""
+
+    class ChannelMeans(torch.nn.Module):  # a backbone whose output moves with any change of input scale
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    lite_mean, lite_std = (127 / 255,) * 3, (128 / 255,) * 3
+    res = CalibratedMember(ChannelMeans().eval(), 1.0)
+    lite = CalibratedMember(ChannelMeans().eval(), 1.0, False, lite_mean, lite_std)
+    image = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        out = LesionModel([res, lite], ("identity",))(image)
+        lite_in = (image.permute(0, 3, 1, 2).float() - 127.0) / 128.0
+        imagenet_in = Preprocess()(image)
+        expected = (torch.softmax(res.backbone(imagenet_in), -1) + torch.softmax(lite.backbone(lite_in), -1)) / 2
+        wrong = (torch.softmax(res.backbone(imagenet_in), -1) + torch.softmax(lite.backbone(imagenet_in), -1)) / 2
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, wrong, atol=1e-3)
