@@ -82,15 +82,20 @@ def _codestream(data: bytes) -> Codestream:
     raise InvalidImage("the upload is not a JPEG or PNG image")
 
 
+def _nonempty_codestream(data: bytes) -> Codestream:
+    info = _codestream(data)
+    if info.width == 0 or info.height == 0:
+        raise InvalidImage(f"image header declares an empty {info.width}x{info.height} image")
+    return info
+
+
 def read_header(data: bytes) -> ImageHeader:
     """Format and stored size from the first bytes only: nothing is decoded.
 
     Raises:
         InvalidImage: empty, not a JPEG/PNG, or a header too broken to read.
     """
-    info = _codestream(data)
-    if info.width == 0 or info.height == 0:
-        raise InvalidImage(f"image header declares an empty {info.width}x{info.height} image")
+    info = _nonempty_codestream(data)
     return ImageHeader(PNG if info.process == "png" else JPEG, info.width, info.height)
 
 
@@ -189,11 +194,11 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
         UnsupportedMediaType: a JPEG variant this service does not decode (415).
     """
     start = time.perf_counter()
-    header = read_header(data)
-    info = _codestream(data)
+    info = _nonempty_codestream(data)
+    fmt = PNG if info.process == "png" else JPEG
     if info.pixels > max_pixels:
         raise PayloadTooLarge(f"image is {info.width}x{info.height} = {info.pixels} pixels; the limit is {max_pixels}")
-    if header.format == JPEG:
+    if fmt == JPEG:
         factor = reduction_factor(info, size)
         out_pixels = -(-info.width // factor) * -(-info.height // factor)
         codecs.check_budget(info, decode_budget(max_pixels), "a JPEG", out_pixels)
@@ -217,4 +222,4 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
         pixels = cv2.cvtColor(center_crop_resize(bgr, size), cv2.COLOR_BGR2RGB)
         swapped = (bgr.shape[0] > bgr.shape[1]) != (info.height > info.width) and info.width != info.height
     width, height = (info.height, info.width) if swapped else (info.width, info.height)
-    return DecodedImage(np.ascontiguousarray(pixels), width, height, header.format, time.perf_counter() - start)
+    return DecodedImage(np.ascontiguousarray(pixels), width, height, fmt, time.perf_counter() - start)
