@@ -129,45 +129,31 @@ def test_max_batch_is_honoured() -> None:
     assert sum(model.batches) == 10
 
 
-def test_max_wait_is_honoured_for_a_lone_request() -> None:
-    model = FakeModel()
-    batcher = make_batcher(model, max_wait_s=0.2)
-    batcher.expect(+1)  # something announced as "being decoded" that never arrives
+def lone_request_seconds(max_wait_s: float, *announcements: int) -> float:
+    """How long one submitted image takes to be answered after ``expect()`` was called with each announcement."""
+    batcher = make_batcher(FakeModel(), max_wait_s=max_wait_s)
+    for delta in announcements:
+        batcher.expect(delta)
     try:
         start = time.monotonic()
-        result = batcher.submit(image(1), far()).result(5)
-        took = time.monotonic() - start
+        assert batcher.submit(image(1), far()).result(5).batch_size == 1
+        return time.monotonic() - start
     finally:
         batcher.close(5)
-    assert result.batch_size == 1
-    assert 0.18 <= took < 2.0
+
+
+def test_max_wait_is_honoured_for_a_lone_request() -> None:
+    # something announced as "being decoded" that never arrives
+    assert 0.18 <= lone_request_seconds(0.2, +1) < 2.0
 
 
 def test_a_lone_request_with_nothing_announced_runs_at_once() -> None:
-    model = FakeModel()
-    batcher = make_batcher(model, max_wait_s=2.0)
-    try:
-        start = time.monotonic()
-        result = batcher.submit(image(1), far()).result(5)
-        took = time.monotonic() - start
-    finally:
-        batcher.close(5)
-    assert result.batch_size == 1 and took < 1.0  # not the 2 s max_wait
+    assert lone_request_seconds(2.0) < 1.0  # not the 2 s max_wait
 
 
 def test_announcements_add_up_and_the_batcher_waits_while_any_is_left() -> None:
-    model = FakeModel()
-    batcher = make_batcher(model, max_wait_s=0.3)
-    batcher.expect(+1)
-    batcher.expect(+1)
-    batcher.expect(-1)  # one of two arrived elsewhere or failed; the other is still decoding
-    try:
-        start = time.monotonic()
-        batcher.submit(image(1), far()).result(5)
-        took = time.monotonic() - start
-    finally:
-        batcher.close(5)
-    assert took >= 0.25
+    # one of two arrived elsewhere or failed; the other is still decoding
+    assert lone_request_seconds(0.3, +1, +1, -1) >= 0.25
 
 
 def test_a_retracted_announcement_ends_the_wait_at_once() -> None:

@@ -151,6 +151,12 @@ class Served:
         self.wait_until(f"{n - 1} requests queued", lambda: self.metrics()[("lesionserve_queue_depth", ())] == n - 1)
         return pending
 
+    def exit_after(self, sig: signal.Signals, within: float) -> tuple[int | None, float]:
+        """Send ``sig``: the exit code (None if still running ``within`` s later) and the seconds it took."""
+        sent = time.monotonic()
+        self.proc.send_signal(sig)
+        return self.exit_code(within), time.monotonic() - sent
+
     def exit_code(self, within: float) -> int | None:
         """The exit code if the process ends within ``within`` seconds, else None."""
         try:
@@ -254,10 +260,7 @@ def test_second_signal_stops_at_once_without_finishing_the_drain(tmp_path: Path,
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert server.proc.poll() is None  # draining: the held request keeps it alive
-        stopped = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        rc = server.exit_code(within=10)
-        took = time.monotonic() - stopped
+        rc, took = server.exit_after(signal.SIGTERM, within=10)
         output = server.output()
     held_request.join()
     # the held request never finishes; a second signal must not wait for it (60 s grace)
@@ -268,10 +271,7 @@ def test_second_signal_stops_at_once_without_finishing_the_drain(tmp_path: Path,
 def test_grace_period_over_stops_the_server_with_requests_in_flight(tmp_path: Path, tiny_onnx: Path) -> None:
     with served(tmp_path, tiny_onnx, shutdown_grace_s="1") as server:
         held_request = server.hold_requests(1)
-        signalled = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        rc = server.exit_code(within=20)
-        took = time.monotonic() - signalled
+        rc, took = server.exit_after(signal.SIGTERM, within=20)
         output = server.output()
     held_request.join()
     assert rc == 0, output

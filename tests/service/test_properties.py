@@ -15,17 +15,15 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from starlette.datastructures import Headers
 
 from service.batcher import collect_batch
+from service.bench.streams import dicom
 from service.contract import ModelMetadata
-from service.dicom import DERMOSCOPIC_PHOTOGRAPHY, read_dicom
+from service.dicom import read_dicom
 from service.errors import InvalidImage, PayloadTooLarge
 from service.imaging import ImageHeader, read_header
 from service.media import DECODERS, pick_decoder
@@ -127,32 +125,13 @@ def test_header_parsers_refuse_garbage_with_invalid_image_only(prefix: bytes, re
     assert header.width > 0 and header.height > 0
 
 
-def dicom_bytes(rows: int, cols: int, frames: int) -> bytes:
-    """An uncompressed RGB Dermoscopic Photography object of ``frames`` frames."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DERMOSCOPIC_PHOTOGRAPHY
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = DERMOSCOPIC_PHOTOGRAPHY, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 3, "RGB"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.PlanarConfiguration = 8, 8, 7, 0, 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.PixelData = np.full((frames, rows, cols, 3), 90, dtype=np.uint8).tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 @PROPERTY
 @given(rows=st.integers(1, 24), cols=st.integers(1, 24), frames=st.integers(1, 4), slack=st.integers(-3, 3))
 def test_dicom_pixel_limit_counts_rows_columns_and_frames(rows: int, cols: int, frames: int, slack: int) -> None:
     declared = rows * cols * frames
     limit = max(64, declared + slack)  # 64: the smallest LESIONSERVE_MAX_PIXELS allowed
-    data = dicom_bytes(rows, cols, frames)
+    pixels = np.full((frames, rows, cols, 3), 90, dtype=np.uint8).tobytes()
+    data = dicom(pixels, rows, cols, **({"NumberOfFrames": frames} if frames > 1 else {}))
     if declared > limit:
         with pytest.raises(PayloadTooLarge):
             read_dicom(data, max_pixels=limit)
