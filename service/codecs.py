@@ -32,7 +32,7 @@ _STANDALONE = frozenset([0x01, *range(0xD0, 0xD9)])  # TEM, RSTn, SOI: no length
 _SOS, _EOI, _APP0, _APP14 = 0xDA, 0xD9, 0xE0, 0xEE
 
 # Working memory per decoded pixel (3 samples), measured (see the module docstring) and rounded up.
-BYTES_PER_PIXEL = {"png": 7, "jpeg-ls": 7, "rle": 7, "j2k": 16, "native": 4}
+BYTES_PER_PIXEL = {"lossless": 5, "png": 7, "jpeg-ls": 7, "rle": 7, "j2k": 16, "native": 4}
 MB = 1 << 20
 
 
@@ -117,39 +117,41 @@ def jpeg_has_end(data: bytes, scan_offset: int) -> bool:
     return data.find(b"\xff\xd9", scan_offset) >= 0
 
 
-def as_rgb_stream(data: bytes) -> bytes:
+def as_rgb_stream(data: bytes | memoryview) -> bytes | bytearray | memoryview:
     """The same JPEG with its 3 components marked as RGB when nothing in the stream says what they are.
 
     DICOM's ``RGB`` photometric interpretation on a JPEG transfer syntax means the encoder applied no
     colour transform, but libjpeg decides from the stream alone: JFIF means YCbCr, an Adobe marker
     carries a transform flag, and without either it guesses YCbCr for component ids 1, 2, 3 (the
     ambiguous case: pydicom's SC_jpeg_no_color_transform.dcm). Only that case is rewritten, to
-    libjpeg's own RGB signal: component ids 'R', 'G', 'B' in SOF and SOS. A stream that says what
-    it holds is believed over the DICOM label.
+    libjpeg's own RGB signal: component ids 'R', 'G', 'B' in SOF and SOS (one copy of the stream,
+    patched in place). A stream that says what it holds is believed over the DICOM label.
     """
-    out, i, ids = bytearray(data[:2]), 2, {}
+    i, ids, patches = 2, {}, []
     while i + 4 <= len(data):
         marker = data[i + 1]
         if marker in _STANDALONE or marker == 0xFF:
-            step = 2 if marker != 0xFF else 1
-            out += data[i : i + step]
-            i += step
+            i += 2 if marker != 0xFF else 1
             continue
         (length,) = struct.unpack_from(">H", data, i + 2)
-        seg = bytearray(data[i : i + 2 + length])
+        tag = bytes(data[i + 4 : i + 9])
         # libjpeg's own test: a JFIF segment of 14+ bytes, an Adobe one of 12+ (a shorter one is ignored).
-        jfif = marker == _APP0 and seg[4:9] == b"JFIF\0" and length - 2 >= 14
-        if jfif or (marker == _APP14 and seg[4:9] == b"Adobe" and length - 2 >= 12):
+        if (marker == _APP0 and tag == b"JFIF\0" and length >= 16) or (
+            marker == _APP14 and tag == b"Adobe" and length >= 14
+        ):
             return data  # the stream declares its colour space itself
-        if marker in _SOF_PROCESS and len(seg) >= 19 and seg[9] == 3:
+        if marker in _SOF_PROCESS and length >= 17 and data[i + 9] == 3:
             for k, new in enumerate(b"RGB"):
-                ids[seg[10 + 3 * k]] = new
-                seg[10 + 3 * k] = new
-        elif marker == _SOS and len(seg) >= 5 + 2 * seg[4]:
-            for k in range(seg[4]):
-                seg[5 + 2 * k] = ids.get(seg[5 + 2 * k], seg[5 + 2 * k])
-            return bytes(out + seg) + data[i + 2 + length :]
-        out += seg
+                ids[data[i + 10 + 3 * k]] = new
+                patches.append((i + 10 + 3 * k, new))
+        elif marker == _SOS and i + 5 + 2 * data[i + 4] <= len(data):
+            patches += [
+                (i + 5 + 2 * k, ids[data[i + 5 + 2 * k]]) for k in range(data[i + 4]) if data[i + 5 + 2 * k] in ids
+            ]
+            out = bytearray(data)
+            for pos, value in patches:
+                out[pos] = value
+            return out
         i += 2 + length
     return data  # no scan found: the decoder will refuse it
 
@@ -314,13 +316,14 @@ def decode_cost(info: Codestream, out_pixels: int | None = None, extra: int = 0)
         extra: bytes the caller needs on top (e.g. a colour conversion of the output).
     """
     out = info.pixels if out_pixels is None else out_pixels
-    if info.process in ("baseline", "extended", "lossless", "arithmetic"):
-        return 3 * out + extra + MB  # libjpeg streams a few MCU rows into the (possibly scaled) output
+    fixed = 2 * MB  # tables, row buffers, the decoder's own state
+    if info.process in ("baseline", "extended", "arithmetic"):
+        return 3 * out + extra + fixed  # libjpeg streams a few MCU rows into the (possibly scaled) output
     if info.process == "progressive":
-        return 128 * info.blocks + 3 * out + extra + MB  # every block's 64 coefficients (int16) are kept
+        return 128 * info.blocks + 3 * out + extra + fixed  # every block's 64 coefficients (int16) are kept
     # A JPEG 2000 tile costs openjpeg a few kilobytes of bookkeeping before any pixel.
     tiles = 8192 * info.tiles if info.process == "j2k" else 0
-    return BYTES_PER_PIXEL[info.process] * out + tiles + extra + MB
+    return BYTES_PER_PIXEL[info.process] * out + tiles + extra + fixed
 
 
 def check_budget(info: Codestream, budget_bytes: int, what: str, out_pixels: int | None = None, extra: int = 0) -> None:

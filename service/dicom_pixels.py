@@ -84,9 +84,10 @@ def decode_first_frame(
             raise InvalidImage(f"the DICOM transfer syntax {ts.name} does not match its {info.process} JPEG data")
         factor = reduction_factor(info, min_side) if min_side else 1
         out_pixels = -(-info.width // factor) * -(-info.height // factor)
-        codecs.check_budget(info, budget, "a DICOM JPEG frame", out_pixels, _conversion_bytes(image, out_pixels))
         # Lossless streams are never colour-transformed by libjpeg; DICOM RGB means no transform either.
         as_rgb = info.process == "lossless" or image.photometric == "RGB"
+        extra = _conversion_bytes(image, out_pixels) + (len(frame) if as_rgb else 0)  # the RGB rewrite: a copy
+        codecs.check_budget(info, budget, "a DICOM JPEG frame", out_pixels, extra)
         rgb = decode_jpeg_rgb(frame, info, factor, rgb_stream=as_rgb)
         return _ybr_to_rgb(rgb) if info.process == "lossless" and image.photometric in _YBR else rgb
     if ts in _JPEG_LS:

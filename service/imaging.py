@@ -150,7 +150,7 @@ def decode_jpeg_rgb(
         raise UnsupportedMediaType(
             f"{info.precision}-bit JPEG with {info.components} component(s) ({info.process}) is not supported"
         )
-    stream = codecs.as_rgb_stream(bytes(data)) if rgb_stream and info.components == 3 else data
+    stream = codecs.as_rgb_stream(data) if rgb_stream and info.components == 3 else data
     min_h, min_w = -(-info.height // factor), -(-info.width // factor)  # exactly 1/factor
     try:
         if info.components == 4:  # Adobe CMYK/YCCK: libjpeg gives (inverted) CMYK, converted below
@@ -201,11 +201,12 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
     if fmt == JPEG:
         factor = reduction_factor(info, size)
         out_pixels = -(-info.width // factor) * -(-info.height // factor)
-        codecs.check_budget(info, decode_budget(max_pixels), "a JPEG", out_pixels)
+        rgb_stream = info.process == "lossless"  # may be rewritten as RGB: one copy of the stream
+        codecs.check_budget(info, decode_budget(max_pixels), "a JPEG", out_pixels, len(data) if rgb_stream else 0)
         if not codecs.jpeg_has_end(data, info.scan_offset):
             raise InvalidImage("JPEG is truncated (no end-of-image marker)")
         orientation = codecs.exif_orientation(data, info.scan_offset)
-        rgb = _orient(decode_jpeg_rgb(data, info, factor, rgb_stream=info.process == "lossless"), orientation)
+        rgb = _orient(decode_jpeg_rgb(data, info, factor, rgb_stream=rgb_stream), orientation)
         pixels = center_crop_resize(rgb, size)
         swapped = orientation >= 5  # orientations 5-8 turn the image by 90 degrees
     else:
