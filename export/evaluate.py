@@ -179,12 +179,12 @@ def card_section(m: dict[str, Any], classes: list[str], plots: dict[str, str]) -
     return "\n".join(lines)
 
 
-def update_card(card: Path, section: str) -> None:
-    """Insert or replace the held-out section of a model card (everything else is left alone)."""
+def update_card(card: Path, section: str, start: str = CARD_START, end: str = CARD_END) -> None:
+    """Insert or replace one marked section of a model card (everything else is left alone)."""
     text = card.read_text() if card.exists() else ""
-    if CARD_START in text and CARD_END in text:
-        head, rest = text.split(CARD_START, 1)
-        tail = rest.split(CARD_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
