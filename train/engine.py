@@ -241,6 +241,7 @@ def fit(
         core.load_state_dict(ck.extra.get("raw_state", ck.model_state))
         if ema is not None:
             ema.module.load_state_dict(ck.model_state)
+            ema.n_averaged.fill_(1)  # 0 would make the next update copy the raw weights over the average
         opt.load_state_dict(ck.extra["optimizer_state"])
         if sched is not None and "scheduler_state" in ck.extra:
             sched.load_state_dict(ck.extra["scheduler_state"])

@@ -185,3 +185,28 @@ def test_compare_same_split_only(two_runs: tuple[Path, Path], tmp_path: Path) ->
     (other / "split.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
     with pytest.raises(ValueError, match="split differs"):
         table([two_runs[0], other])
+
+
+@pytest.mark.slow
+def test_resume_with_ema_continues_the_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --ema, a resumed run keeps averaging (not restarting from the raw weights): same as uninterrupted."""
+    ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    over = dict(ema=0.9, mixup_alpha=0.0, cutmix_alpha=0.0)
+    run(load_config(None, tiny(ref_dir, **over)))
+    calls = {"n": 0}
+    real = engine.compute_metrics
+
+    def crash_on_second(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "compute_metrics", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(None, tiny(crash_dir, **over)))
+    monkeypatch.setattr(engine, "compute_metrics", real)
+    run(load_config(None, tiny(crash_dir, resume=True, **over)))
+    done, ref = load_checkpoint(crash_dir / "last.pt"), load_checkpoint(ref_dir / "last.pt")
+    assert all(torch.equal(done.model_state[k], ref.model_state[k]) for k in ref.model_state)
+    assert all(torch.equal(done.extra["raw_state"][k], ref.extra["raw_state"][k]) for k in ref.model_state)
