@@ -6,12 +6,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from export.metadata import ExportError
 from export.onnx_export import DEFAULT_IMAGES, DEFAULT_OPSET, export_checkpoints
+from export.ood import DEFAULT_METHOD, DEFAULT_PASS_RATE, OodConfig
 from export.parity import VerificationError
 from export.wrappers import UnknownTTAError
-from service.contract import TTA_VIEWS, MetadataError
+from service.contract import OOD_METHODS, TTA_VIEWS, MetadataError
 from train.checkpoint import CheckpointError
 
 log = logging.getLogger("export")
@@ -40,8 +42,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="run the backbones in float16 (half the file size)")
     p.add_argument("--malignancy-threshold", type=float, help="operating point on the malignancy score")
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of real images for the parity checks")
+    g = p.add_argument_group("out-of-distribution check and class activation maps (docs/export.md)")
+    g.add_argument("--ood-data", help="labelled training data (folder/CSV): adds the ood_score output")
+    g.add_argument("--ood-split", help="split.json of the training run: threshold on part val, statistics on train")
+    g.add_argument(
+        "--ood-method", default=DEFAULT_METHOD, help=f"{' or '.join(OOD_METHODS)} (default {DEFAULT_METHOD})"
+    )
+    g.add_argument("--ood-pass-rate", type=float, default=DEFAULT_PASS_RATE,
+                   help=f"share of validation images below the threshold (default {DEFAULT_PASS_RATE})")  # fmt: skip
+    g.add_argument("--ood-fit-limit", type=int, default=0, help="at most this many training images for Mahalanobis")
+    g.add_argument("--no-cam", dest="cam", action="store_false", help="leave out the cam output")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
+
+
+def ood_config(args: argparse.Namespace) -> OodConfig | None:
+    """``--ood-*`` as an :class:`OodConfig`; None when ``--ood-data`` is not given."""
+    if args.ood_data is None:
+        if args.ood_split is not None:
+            raise ExportError("--ood-split needs --ood-data (the images the split names)")
+        return None
+    if args.ood_split is None:
+        raise ExportError("--ood-data needs --ood-split (split.json: part val for the threshold, train for statistics)")
+    return OodConfig(Path(args.ood_data), Path(args.ood_split), args.ood_method, args.ood_pass_rate, args.ood_fit_limit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        ood = ood_config(args)
         result = export_checkpoints(
             args.checkpoints,
             args.out,
@@ -62,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fp16=args.fp16,
             malignancy_threshold=args.malignancy_threshold,
             images=args.images,
+            ood=ood,
+            cam=args.cam,
         )
     except (CheckpointError, ExportError, UnknownTTAError, MetadataError, VerificationError) as exc:
         # One line, no traceback: these are the user's inputs or a failed check, not a bug.

@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from export.card import render_card
+from export.explain import ExplainedLesionModel, ExplainError, cam_shape
 from export.metadata import ExportError, build_metadata, check_members, weights_sha256
+from export.ood import OodConfig, ood_heads, threshold_ood
 from export.parity import Check, load_images, verify
 from export.wrappers import CalibratedMember, LesionModel, tta_views
-from service.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from service.contract import INPUT_NAME, OUTPUT_NAME, CamSpec, ModelMetadata
 from train.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,12 @@ class ExportResult:
 
 
 def export_graph(
-    model: nn.Module, path: Path, size: int, opset: int = DEFAULT_OPSET, channels_last: bool = True
+    model: nn.Module,
+    path: Path,
+    size: int,
+    opset: int = DEFAULT_OPSET,
+    channels_last: bool = True,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> None:
     """Export ``model`` with a dynamic batch axis to a single self-contained file.
 
@@ -55,6 +62,7 @@ def export_graph(
         size: input side S.
         opset: ONNX opset (>= 18 for the dynamo exporter).
         channels_last: the contract's uint8 NHWC input; False for a bare float NCHW backbone (benchmarks).
+        output_names: one name per output of ``model``, probabilities first.
     """
     # The exporter warns once per missing torchvision op; those ops are never used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -73,7 +81,7 @@ def export_graph(
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(output_names),
             opset_version=opset,
             dynamo=True,
             external_data=False,
@@ -102,6 +110,39 @@ def build_module(
     return (wrap(ckpts, True) if fp16 else reference), reference, singles
 
 
+@dataclass(frozen=True)
+class Extras:
+    """The modules to export and check once the optional outputs are added, and what describes them."""
+
+    model: nn.Module
+    reference: nn.Module
+    outputs: list[str]
+    cam: CamSpec | None
+    n_train: int | None  # training images behind the Mahalanobis statistics
+
+
+def with_extras(
+    model: LesionModel, reference: LesionModel, ckpts: Sequence[Checkpoint], ood: OodConfig | None, cam: bool
+) -> Extras:
+    """Wrap both modules in :class:`~export.explain.ExplainedLesionModel` when an optional output is asked for."""
+    if not cam and ood is None:
+        return Extras(model, reference, [OUTPUT_NAME], None, None)
+    members = [m for m in reference.members if isinstance(m, CalibratedMember)]
+    size, classes = ckpts[0].img_size, ckpts[0].classes
+    cam_spec, heads, n_train = None, None, None
+    try:
+        if cam:
+            h, w = cam_shape(members, size)
+            cam_spec = CamSpec(shape=[len(classes), h, w], head="+".join(sorted({c.head for c in ckpts})))
+        if ood is not None:
+            heads, n_train = ood_heads(ood, members, classes, size)
+    except ExplainError as exc:
+        raise ExportError(str(exc)) from exc
+    explained = ExplainedLesionModel(model, heads, cam)
+    ref = explained if reference is model else ExplainedLesionModel(reference, heads, cam)
+    return Extras(explained, ref, explained.output_names(), cam_spec, n_train)
+
+
 def export_checkpoints(
     checkpoints: Sequence[str | Path],
     out: str | Path,
@@ -113,6 +154,8 @@ def export_checkpoints(
     fp16: bool = False,
     malignancy_threshold: float | None = None,
     images: str | Path = DEFAULT_IMAGES,
+    ood: OodConfig | None = None,
+    cam: bool = True,
 ) -> ExportResult:
     """Load, wrap, export, write metadata, verify, then move the file into place and write its card.
 
@@ -128,6 +171,8 @@ def export_checkpoints(
         fp16: backbones in float16 (half the file size).
         malignancy_threshold: operating point written into the metadata.
         images: folder of real images (searched recursively for JPEG/PNG) for the parity checks.
+        ood: fit and add the ``ood_score`` output (:mod:`export.ood`); None: no OOD output.
+        cam: add the ``cam`` output (class activation maps, :mod:`export.explain`).
     """
     tta_views(tta)  # fail on an unknown TTA before loading anything
     out = Path(out)
@@ -142,7 +187,7 @@ def export_checkpoints(
         raise ExportError(f"no verification images (*.jpg, *.png) under {images}")
     size = ckpts[0].img_size
     model, reference, singles = build_module(ckpts, tta, fp16)
-
+    extras = with_extras(model, reference, ckpts, ood, cam)
     # Built (and validated) before anything is written; the weights hash is filled in after the export.
     meta = build_metadata(
         ckpts,
@@ -156,9 +201,10 @@ def export_checkpoints(
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        export_graph(model, partial, size, opset)
+        export_graph(extras.model, partial, size, opset, output_names=extras.outputs)
         proto = onnx.load(str(partial))
-        meta = dataclasses.replace(meta, weights_sha256=weights_sha256(proto))
+        ood_spec = threshold_ood(partial, ood, meta.classes, size, extras.n_train) if ood is not None else None
+        meta = dataclasses.replace(meta, weights_sha256=weights_sha256(proto), ood=ood_spec, cam=extras.cam)
         del proto.metadata_props[:]
         for key, value in meta.to_props().items():
             proto.metadata_props.add(key=key, value=value)
@@ -166,11 +212,12 @@ def export_checkpoints(
         onnx.save(proto, str(partial))  # one file: weights inline, no external data
         checks = verify(
             partial,
-            reference,
+            extras.reference,
             load_images(image_paths, size),
             fp16=fp16,
             dihedral=tta == "dihedral",
             members=singles,
+            outputs=extras.outputs,
         )
         os.replace(partial, out)
     finally:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.contract import INPUT_NAME
+from service.contract import INPUT_NAME, OUTPUT_NAME
 from train.preprocess import center_crop_resize
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,12 @@ class Tolerances:
     batch: float = 1e-5  # batch of 8 vs 8 singles
     dihedral: float = 1e-5
     ensemble: float = 1e-4
+    dihedral_extras: float = 1e-4  # ood_score / cam under the views, relative to their scale; fp16: 1e-2
 
     @classmethod
     def for_precision(cls, fp16: bool) -> Tolerances:
         # fp16 backbones: rounding differs between kernels and batch layouts, hence the wider bounds.
-        return cls(torch_parity=1e-2, batch=1e-3, ensemble=1e-2) if fp16 else cls()
+        return cls(torch_parity=1e-2, batch=1e-3, ensemble=1e-2, dihedral_extras=1e-2) if fp16 else cls()
 
 
 def load_images(paths: Sequence[Path], size: int) -> np.ndarray:
@@ -87,9 +88,25 @@ def load_images(paths: Sequence[Path], size: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out), dtype=np.uint8)
 
 
-def torch_probs(model: nn.Module, images: np.ndarray) -> np.ndarray:
+def torch_outputs(model: nn.Module, images: np.ndarray) -> list[np.ndarray]:
+    """Every output of the module (probabilities first, then the optional ones) as float32 arrays."""
     with torch.inference_mode():
-        return model(torch.from_numpy(np.ascontiguousarray(images))).float().numpy()
+        out = model(torch.from_numpy(np.ascontiguousarray(images)))
+    return [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def torch_probs(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    return torch_outputs(model, images)[0]
+
+
+def _cam_symmetry(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """An NHWC symmetry applied to maps ``(N, K, h, w)``: the same permutation of the map's cells."""
+    return lambda c: np.moveaxis(f(np.moveaxis(c, 1, -1)), -1, 1)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    """Max absolute difference over the reference's scale (OOD scores reach thousands, maps tens)."""
+    return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
 
 
 class Verifier:
@@ -111,7 +128,35 @@ class Verifier:
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images)})[0]
+        return self.run_all(images)[0]
+
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images)}))
+
+    def extra_outputs(self, names: Sequence[str], dihedral: bool) -> list[Check]:
+        """The optional outputs (``ood_score``, ``cam``): vs PyTorch, batch vs singles, and under the
+        dihedral views the score invariant and the map rotating with the image (relative differences)."""
+        ours, ref = self.run_all(self.images)[1:], torch_outputs(self.model, self.images)[1:]
+        batch = self.run_all(self.images[:8])[1:]
+        singles = [self.run_all(self.images[i : i + 1])[1:] for i in range(8)]
+        tol, checks = self.tol, []
+        for j, name in enumerate(names[1:]):
+            diff = _relative(ours[j], ref[j])
+            checks.append(Check(f"{name}: ORT vs PyTorch (relative)", diff, tol.torch_parity, diff <= tol.torch_parity))
+            diff = _relative(batch[j], np.concatenate([s[j] for s in singles]))
+            checks.append(Check(f"{name}: batch of 8 vs 8 singles", diff, tol.batch, diff <= tol.batch))
+            if not dihedral:
+                continue
+            base = batch[j][:4]
+            diffs = {}
+            for sym, f in NHWC_SYMMETRIES.items():
+                moved = self.run_all(f(self.images[:4]))[1 + j]
+                diffs[sym] = _relative(moved, _cam_symmetry(f)(base) if base.ndim == 4 else base)
+            worst = max(diffs, key=diffs.__getitem__)
+            what = "map turns with the image" if base.ndim == 4 else "invariant"
+            ok = diffs[worst] <= tol.dihedral_extras
+            checks.append(Check(f"{name}: dihedral, {what}", diffs[worst], tol.dihedral_extras, ok, f"worst: {worst}"))
+        return checks
 
     def checker(self) -> Check:
         try:
@@ -167,6 +212,7 @@ def verify(
     fp16: bool,
     dihedral: bool,
     members: Sequence[nn.Module] = (),
+    outputs: Sequence[str] = (OUTPUT_NAME,),
 ) -> list[Check]:
     """Run every check that applies; raise :class:`VerificationError` if any fails.
 
@@ -177,6 +223,7 @@ def verify(
         fp16: the file runs its backbones in float16 (wider tolerances, same top-1 required).
         dihedral: the TTA is the full dihedral group, so the output must be invariant under it.
         members: single-member modules (same TTA) of an ensemble; empty for one model.
+        outputs: the file's output names, probabilities first; the optional ones get their own checks.
     """
     v = Verifier(path, model, images, Tolerances.for_precision(fp16))
     checks = [v.checker(), v.torch_parity(fp16), v.batch_consistency()]
@@ -184,6 +231,8 @@ def verify(
         checks.append(v.dihedral_invariance())
     if len(members) > 1:
         checks.append(v.ensemble_mean(members))
+    if len(outputs) > 1:
+        checks += v.extra_outputs(outputs, dihedral)
     for c in checks:
         log.info("check %s", c)
     failed = [c for c in checks if not c.passed]

@@ -14,14 +14,19 @@ or only ``onnx``: ``{p.key: p.value for p in onnx.load(path).metadata_props}``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 PREFIX = "lesionserve."
 SCHEMA_VERSION = 1
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+# Optional outputs beside ``probabilities``; each is declared by its own metadata key (``ood``, ``cam``).
+OOD_OUTPUT = "ood_score"
+CAM_OUTPUT = "cam"
+OOD_METHODS = ("energy", "mahalanobis")
 
 TTA_VIEWS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
@@ -32,6 +37,60 @@ TTA_VIEWS: dict[str, tuple[str, ...]] = {
 
 class MetadataError(ValueError):
     """The file lacks or garbles the contract's metadata; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """How to read the ``ood_score`` output ``float32 [N]``: higher = less like the training data.
+
+    Attributes:
+        method: ``energy`` (-logsumexp of the logits) or ``mahalanobis`` (squared distance of the
+            pooled features to the nearest class mean, shared covariance fitted on training features).
+        threshold: an image is out of distribution when its score is above this.
+        pass_rate: the share of in-distribution validation images at or below ``threshold``.
+        fitted_on: where the threshold (and, for Mahalanobis, the means and covariance) came from.
+    """
+
+    method: str
+    threshold: float
+    pass_rate: float
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    output: str = OOD_OUTPUT
+
+    def __post_init__(self) -> None:
+        if self.method not in OOD_METHODS:
+            raise MetadataError(f"ood.method {self.method!r} is not one of {', '.join(OOD_METHODS)}")
+        if not math.isfinite(self.threshold):
+            raise MetadataError(f"ood.threshold must be a finite number, got {self.threshold}")
+        if not 0.0 < self.pass_rate <= 1.0:
+            raise MetadataError(f"ood.pass_rate must be in (0, 1], got {self.pass_rate}")
+        if self.output != OOD_OUTPUT:
+            raise MetadataError(f"ood.output must be {OOD_OUTPUT!r}, got {self.output!r}")
+
+
+@dataclass(frozen=True)
+class CamSpec:
+    """How to read the ``cam`` output ``float32 [N, K, h, w]``: one class activation map per class.
+
+    Each map is the last feature map weighted by the head's row of that class, already un-rotated per
+    TTA view and averaged like the probabilities; cell (i, j) covers input pixels
+    ``[i*S/h, (i+1)*S/h) x [j*S/w, (j+1)*S/w)``. Unit: logits (mean over cells + a bias = the logit).
+
+    Attributes:
+        shape: ``[K, h, w]``.
+        head: ``linear`` (exact CAM) or ``mlp`` (exact per-image linearisation of the ReLU MLP head).
+    """
+
+    shape: list[int]
+    head: str = "linear"
+    method: str = "class activation map (Zhou et al. 2016), un-rotated per TTA view, mean over views and members"
+    output: str = CAM_OUTPUT
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or any(not isinstance(d, int) or d < 1 for d in self.shape):
+            raise MetadataError(f"cam.shape must be [K, h, w] of positive integers, got {self.shape!r}")
+        if self.output != CAM_OUTPUT:
+            raise MetadataError(f"cam.output must be {CAM_OUTPUT!r}, got {self.output!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +114,8 @@ class ModelMetadata:
         exported_at: ISO 8601 UTC time of export.
         weights_sha256: sha256 of the exported weights.
         ensemble_size: number of members averaged.
+        ood, cam (optional): :class:`OodSpec` and :class:`CamSpec` of the optional outputs; absent
+            when the file has no such output (files exported before them still serve).
     """
 
     classes: list[str]
@@ -74,12 +135,15 @@ class ModelMetadata:
     weights_sha256: str = ""
     ensemble_size: int = 1
     schema_version: int = SCHEMA_VERSION
+    ood: OodSpec | None = None
+    cam: CamSpec | None = None
 
     REQUIRED = (
         "schema_version", "classes", "class_names", "malignant_classes", "malignancy_threshold", "input_size",
         "preprocessing", "tta", "temperature", "architecture", "name", "version", "training_data", "metrics",
         "exported_at", "weights_sha256", "ensemble_size",
     )  # fmt: skip
+    OPTIONAL: ClassVar[dict[str, type[OodSpec] | type[CamSpec]]] = {"ood": OodSpec, "cam": CamSpec}
 
     def __post_init__(self) -> None:
         if not self.classes or len(set(self.classes)) != len(self.classes):
@@ -95,13 +159,15 @@ class ModelMetadata:
             raise MetadataError(f"temperatures must be > 0, got {self.temperature}")
         if self.schema_version != SCHEMA_VERSION:
             raise MetadataError(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        if self.cam is not None and self.cam.shape[0] != len(self.classes):
+            raise MetadataError(f"cam.shape {self.cam.shape} does not start with the {len(self.classes)} classes")
 
     def display_name(self, code: str) -> str:
         return self.class_names.get(code, code)
 
     def to_props(self) -> dict[str, str]:
-        """The ``metadata_props`` entries to write into the ONNX file."""
-        return {PREFIX + k: json.dumps(v, sort_keys=True) for k, v in asdict(self).items()}
+        """The ``metadata_props`` entries to write into the ONNX file (optional specs only when present)."""
+        return {PREFIX + k: json.dumps(v, sort_keys=True) for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_props(cls, props: Mapping[str, str], source: str = "model") -> ModelMetadata:
@@ -119,6 +185,16 @@ class ModelMetadata:
                 values[k] = json.loads(props[PREFIX + k])
             except json.JSONDecodeError as exc:
                 raise MetadataError(f"{source}: {PREFIX}{k} is not valid JSON ({exc.msg})") from exc
+        for k, spec in cls.OPTIONAL.items():
+            if PREFIX + k not in props:
+                continue
+            try:
+                raw = json.loads(props[PREFIX + k])
+                values[k] = spec(**raw)
+            except json.JSONDecodeError as exc:
+                raise MetadataError(f"{source}: {PREFIX}{k} is not valid JSON ({exc.msg})") from exc
+            except TypeError as exc:
+                raise MetadataError(f"{source}: malformed {PREFIX}{k} ({exc})") from exc
         try:
             return cls(**values)
         except TypeError as exc:
