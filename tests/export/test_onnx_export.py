@@ -126,3 +126,20 @@ def test_ensemble_mean_check_catches_a_wrong_member(
     other = build_module([load_checkpoint(make_ckpt("other", seed=7))], "dihedral", False)[1]
     with pytest.raises(VerificationError, match=r"ensemble vs mean of 2 members.*FAILED"):
         verify(dihedral.path, own, images, fp16=False, dihedral=False, members=[own, other])
+
+
+def test_mixed_resnet_and_lite_ensemble_normalises_per_member(
+    make_ckpt: MakeCkpt, tmp_path: Path, images: np.ndarray
+) -> None:
+    """A ResNet (ImageNet mean/std) and an EfficientNet-Lite ((x - 127) / 128) in one file, each normalised its way."""
+    paths = [make_ckpt("mix_r", seed=3), make_ckpt("mix_l", arch="efficientnet_lite0", seed=4)]
+    result = export_checkpoints(paths, tmp_path / "mixed.onnx", tta="flips")
+    norms = result.metadata.preprocessing["normalization"]
+    assert [n["arch"] for n in norms] == ["resnet18", "efficientnet_lite0"]
+    assert norms[1]["mean"][0] == pytest.approx(127 / 255) and norms[0]["mean"][0] == pytest.approx(0.485)
+    members = [build_module([load_checkpoint(p)], "flips", False)[1] for p in paths]
+    lite_norm = members[1].members[0].normalize  # type: ignore[index]
+    assert float(lite_norm.mean.flatten()[0]) == pytest.approx(127.0) and float(lite_norm.std.flatten()[0]) == 128.0
+    mean = np.mean([torch_probs(m, images) for m in members], axis=0)
+    ours = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: images})[0]
+    np.testing.assert_allclose(ours, mean, atol=1e-4, rtol=0)
