@@ -14,7 +14,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -26,6 +26,10 @@ from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What a model run returns: probabilities [N, K], or those under "probabilities" beside optional outputs
+# that have the batch axis first (ood_score [N], cam [N, K, h, w]); each image gets its own row of each.
+ModelOutput = np.ndarray | Mapping[str, np.ndarray]
+PROBABILITIES = "probabilities"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Prediction:
     queue_s: float
     inference_s: float
     batch_size: int
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)  # this image's row of each optional output
 
 
 @dataclass
@@ -98,7 +103,8 @@ class Batcher:
     """``submit(image) -> Future[Prediction]`` in front of a model's ``run(batch) -> probabilities``.
 
     Args:
-        run: the model call, ``uint8 [N, S, S, 3] -> float32 [N, K]``; called from one thread.
+        run: the model call, ``uint8 [N, S, S, 3] -> float32 [N, K]`` (or a :data:`ModelOutput` mapping);
+            called from one thread.
         input_shape: ``(S, S, 3)``; other arrays are refused at submit.
         max_batch: images per run at most.
         max_wait_s: how long a batch waits to fill.
@@ -110,7 +116,7 @@ class Batcher:
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[np.ndarray], ModelOutput],
         input_shape: tuple[int, int, int],
         *,
         max_batch: int,
@@ -196,7 +202,7 @@ class Batcher:
         for item in live:
             metrics.QUEUE_WAIT_SECONDS.observe(now - item.enqueued)
         try:
-            probs, took = self._timed_run([item.image for item in live])
+            outs, took = self._timed_run([item.image for item in live])
         except Exception:
             if len(live) == 1:
                 log.exception("inference failed")
@@ -206,33 +212,43 @@ class Batcher:
             for item in live:
                 self._process_one(item, now)
             return
-        for row, item in zip(probs, live, strict=True):
-            item.future.set_result(Prediction(row, now - item.enqueued, took, len(live)))
+        for i, item in enumerate(live):
+            probs, extras = _row(outs, i)
+            item.future.set_result(Prediction(probs, now - item.enqueued, took, len(live), extras))
 
     def _process_one(self, item: Pending, started: float) -> None:
         try:
-            probs, took = self._timed_run([item.image])
+            outs, took = self._timed_run([item.image])
         except Exception:
             log.exception("inference failed")
             item.future.set_exception(InferenceFailed("inference failed for this image"))
             return
-        item.future.set_result(Prediction(probs[0], started - item.enqueued, took, 1))
+        probs, extras = _row(outs, 0)
+        item.future.set_result(Prediction(probs, started - item.enqueued, took, 1, extras))
 
-    def _timed_run(self, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    def _timed_run(self, images: list[np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         n = len(images)
         size = next(s for s in self.sizes if s >= n) if self.pad else n
         batch = np.zeros((size, *self.input_shape), dtype=np.uint8)
         batch[:n] = np.stack(images)
         start = time.perf_counter()
         try:
-            probs = self._run(batch)
+            out = self._run(batch)
         except Exception:
             metrics.INFERENCE_ERRORS_TOTAL.inc()
             raise
         took = time.perf_counter() - start
-        if probs.ndim != 2 or probs.shape[0] != size:
+        outs = {PROBABILITIES: out} if isinstance(out, np.ndarray) else dict(out)
+        probs = outs.get(PROBABILITIES)
+        if probs is None or probs.ndim != 2 or any(v.shape[:1] != (size,) for v in outs.values()):
             metrics.INFERENCE_ERRORS_TOTAL.inc()
-            raise RuntimeError(f"model returned shape {probs.shape} for a batch of {size}")
+            shapes = {k: v.shape for k, v in outs.items()}
+            raise RuntimeError(f"model returned shape {shapes} for a batch of {size}")
         metrics.INFERENCE_DURATION_SECONDS.observe(took)
         metrics.BATCH_SIZE.observe(n)
-        return probs[:n], took
+        return {k: v[:n] for k, v in outs.items()}, took
+
+
+def _row(outs: Mapping[str, np.ndarray], i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Image ``i``'s probabilities and its row of every optional output."""
+    return outs[PROBABILITIES][i], {k: v[i] for k, v in outs.items() if k != PROBABILITIES}

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     pad_batches: Literal["auto", "on", "off"] = "auto"
     cuda_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit; 0 = no limit.")
     malignancy_threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the model's.")
+    ood_policy: Literal["flag", "reject"] = Field(
+        "flag",
+        description="Out-of-distribution image: flag the answer, or reject it with 422 (needs a model with ood_score).",
+    )
     audit_log: str = Field("-", description="Audit trail: '-' stderr, a file path to append to, or 'off'.")
     audit_uid_key: SecretStr | None = Field(None, description="HMAC key for DICOM UIDs in the audit trail.")
 

@@ -72,6 +72,12 @@ class UnsupportedMediaType(ServiceError):
     status, slug, title, reason = 415, "unsupported-media-type", "Unsupported media type", "unsupported_type"
 
 
+class OutOfDistribution(ServiceError):
+    """The image looks unlike the training data and ``LESIONSERVE_OOD_POLICY=reject``."""
+
+    status, slug, title, reason = 422, "out-of-distribution", "Image unlike the training data", "out_of_distribution"
+
+
 class InternalError(ServiceError):
     status, slug, title = 500, "internal", "Internal server error"
 

@@ -12,7 +12,10 @@ the R4 ones; fhir.resources >= 7 has no plain R4 package):
   ``Observation.device``, which every Observation here references;
 - one contained ``Observation`` per class probability and one for the malignancy score, each a
   ``valueQuantity`` with UCUM unit ``1``; the malignancy one carries the threshold as
-  ``referenceRange.high`` and an ``interpretation`` H/N.
+  ``referenceRange.high`` and an ``interpretation`` H/N;
+- when the model has an out-of-distribution check, an ``Observation`` for its score (threshold as
+  ``referenceRange.high``, interpretation H when the image looks unlike the training data, which the
+  ``conclusion`` then says first); with ``?explain=true`` the heatmap PNG as ``presentedForm``.
 """
 
 from __future__ import annotations
@@ -67,8 +70,11 @@ def diagnostic_report(
         raise ValueError(f"classification answer lacks {exc.args[0]!r}") from exc
     ids = dict(identifiers or {})
 
+    ood = data.get("ood") or {}
     observations = [_class_observation(p, index) for index, p in enumerate(predictions)]
     observations.append(_malignancy_observation(malignancy))
+    if ood.get("available"):
+        observations.append(_ood_observation(ood))
     report: dict[str, Any] = {"resourceType": "DiagnosticReport"}
     if _FHIR_ID.match(request_id):
         report["id"] = request_id
@@ -92,8 +98,14 @@ def diagnostic_report(
             }
         ]
     report["result"] = [{"reference": f"#{o['id']}", "display": o["code"]["text"]} for o in observations]
-    report["conclusion"] = _conclusion(top, malignancy, model)
+    report["conclusion"] = _ood_sentence(ood) + _conclusion(top, malignancy, model)
     report["conclusionCode"] = [{"coding": [_class_coding(top)], "text": str(top["name"])}]
+    heatmap = data.get("explanation") or {}
+    if heatmap.get("available"):
+        code = heatmap.get("class_code") or heatmap.get("class")
+        report["presentedForm"] = [
+            {"contentType": "image/png", "data": heatmap["png_base64"], "title": f"Class activation heatmap: {code}"}
+        ]
     return report
 
 
@@ -166,6 +178,38 @@ def _malignancy_observation(m: Mapping[str, Any]) -> dict[str, Any]:
     ]
     obs["referenceRange"] = [{"high": _probability(m["threshold"]), "text": "malignancy threshold"}]
     return obs
+
+
+def _ood_observation(ood: Mapping[str, Any]) -> dict[str, Any]:
+    coding = {"system": CODE_SYSTEM, "code": "ood-score", "display": "Out-of-distribution score"}
+    text = f"Out-of-distribution score ({ood['method']}; higher = less like the training data)"
+    obs = _observation("ood", {"coding": [coding], "text": text}, ood["score"])
+    flagged = bool(ood["out_of_distribution"])
+    obs["interpretation"] = [
+        {
+            "coding": [
+                {
+                    "system": INTERPRETATION_SYSTEM,
+                    "code": "H" if flagged else "N",
+                    "display": "High" if flagged else "Normal",
+                }
+            ],
+            "text": "unlike the training data" if flagged else "like the training data",
+        }
+    ]
+    obs["referenceRange"] = [{"high": _probability(ood["threshold"]), "text": "out-of-distribution threshold"}]
+    return obs
+
+
+def _ood_sentence(ood: Mapping[str, Any]) -> str:
+    if not ood.get("available"):
+        return "" if not ood else "Out-of-distribution check unavailable for this model. "
+    if not ood.get("out_of_distribution"):
+        return ""
+    return (
+        "WARNING: the image looks unlike the training data (dermoscopic images of skin lesions); "
+        "the classification below may be meaningless. "
+    )
 
 
 def _conclusion(top: Mapping[str, Any], m: Mapping[str, Any], model: Mapping[str, Any]) -> str:

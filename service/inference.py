@@ -10,12 +10,12 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
 
-from service.contract import INPUT_NAME, OUTPUT_NAME, MetadataError, ModelMetadata
+from service.contract import CAM_OUTPUT, INPUT_NAME, OOD_OUTPUT, OUTPUT_NAME, MetadataError, ModelMetadata
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ class InferenceModel(Protocol):
     sha256: str
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class MultiOutputModel(InferenceModel, Protocol):
+    """A model that also gives its optional outputs (``ood_score``, ``cam``) when it has them."""
+
+    def run_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 def file_sha256(path: Path) -> str:
@@ -79,6 +86,7 @@ class OnnxModel:
     provider: str
     sha256: str
     path: Path
+    outputs: tuple[str, ...] = (OUTPUT_NAME,)  # probabilities first, then the declared optional outputs
 
     @classmethod
     def load(
@@ -116,8 +124,8 @@ class OnnxModel:
             metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, source="the file")
         except MetadataError as exc:
             raise ModelLoadError(str(exc)) from None
-        cls._check_io(session, metadata)
-        model = cls(session, metadata, session.get_providers()[0], file_sha256(path), path)
+        outputs = cls._check_io(session, metadata)
+        model = cls(session, metadata, session.get_providers()[0], file_sha256(path), path, outputs)
         log.info(
             "model loaded",
             extra={"model": metadata.name, "version": metadata.version, "provider": model.provider},
@@ -125,9 +133,10 @@ class OnnxModel:
         return model
 
     @staticmethod
-    def _check_io(session: ort.InferenceSession, meta: ModelMetadata) -> None:
+    def _check_io(session: ort.InferenceSession, meta: ModelMetadata) -> tuple[str, ...]:
+        """Check the input and outputs against the metadata; returns the output names to fetch."""
         inputs = {i.name: i for i in session.get_inputs()}
-        outputs = {o.name for o in session.get_outputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
         if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
             raise ModelLoadError(f"the model must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
         inp = inputs[INPUT_NAME]
@@ -136,8 +145,31 @@ class OnnxModel:
         shape = list(inp.shape)
         if len(shape) != 4 or shape[1:] != [meta.input_size, meta.input_size, 3]:
             raise ModelLoadError(f"input shape {shape} is not [N, {meta.input_size}, {meta.input_size}, 3]")
+        # An optional output and its metadata come together: one without the other is a broken export.
+        declared = {OOD_OUTPUT: (meta.ood is not None, 1), CAM_OUTPUT: (meta.cam is not None, 4)}
+        fetch = [OUTPUT_NAME]
+        for name, (in_meta, rank) in declared.items():
+            if in_meta != (name in outputs):
+                has, lacks = ("metadata", "output") if in_meta else ("output", "metadata")
+                raise ModelLoadError(f"the file has the {name!r} {has} but not its {lacks}; re-export it")
+            if not in_meta:
+                continue
+            out_shape = list(outputs[name].shape)
+            if outputs[name].type != "tensor(float)" or len(out_shape) != rank:
+                raise ModelLoadError(
+                    f"output {name!r} is {outputs[name].type} {out_shape}, expected float32 of rank {rank}"
+                )
+            if name == CAM_OUTPUT and meta.cam is not None and out_shape[1:] != meta.cam.shape:
+                raise ModelLoadError(f"output {name!r} has shape {out_shape}, its metadata says [N, *{meta.cam.shape}]")
+            fetch.append(name)
+        return tuple(fetch)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """``uint8 [N, S, S, 3]`` -> ``float32 [N, K]`` probabilities."""
         (probs,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         return np.asarray(probs, dtype=np.float32)
+
+    def run_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Probabilities and the file's optional outputs (``ood_score`` [N], ``cam`` [N, K, h, w]) in one run."""
+        values = self.session.run(list(self.outputs), {INPUT_NAME: batch})
+        return {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.outputs, values, strict=True)}

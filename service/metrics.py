@@ -24,6 +24,7 @@ class RejectReason(StrEnum):
     UNAUTHORIZED = "unauthorized"
     NOT_READY = "not_ready"
     SHUTTING_DOWN = "shutting_down"
+    OUT_OF_DISTRIBUTION = "out_of_distribution"
 
 
 class Method(StrEnum):
@@ -82,6 +83,13 @@ INFERENCE_ERRORS_TOTAL = Counter("lesionserve_inference_errors_total", "Inferenc
 PREDICTIONS_TOTAL = Counter("lesionserve_predictions_total", "Top-1 predictions, by class code", ["class_code"])
 MALIGNANCY_FLAGGED_TOTAL = Counter(
     "lesionserve_malignancy_flagged_total", "Predictions whose malignancy score reached the threshold"
+)
+# Drift signal: the share flagged is ~5% on in-distribution images (the threshold's pass rate); more means
+# other images are arriving (another camera, clinical photos, wrong modality). Both count only models with
+# an ood_score output, so their ratio is meaningful.
+OOD_CHECKED_TOTAL = Counter("lesionserve_ood_checked_total", "Images whose out-of-distribution score was computed")
+OOD_FLAGGED_TOTAL = Counter(
+    "lesionserve_ood_flagged_total", "Images whose out-of-distribution score passed the model's threshold"
 )
 READY = Gauge("lesionserve_ready", "1 when the model is loaded and warmed up, else 0")
 MODEL_INFO = Info("lesionserve_model", "Loaded model: name, version, sha256 and the execution provider in use")

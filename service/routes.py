@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -11,16 +12,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service import metrics
 from service.batcher import Prediction
 from service.errors import PROBLEM_CONTENT_TYPE
+from service.explain import OOD_WARNING, enforce, ood_check
 from service.imaging import DecodedImage
 from service.media import pick_decoder, pick_renderer, read_body
 from service.runtime import Runtime
 from service.schemas import (
     ClassifyResponse,
+    Explanation,
     Health,
     ImageInfo,
     ModelInfo,
     ModelRef,
     ModelsResponse,
+    OodCheck,
     Timing,
     malignancy,
     rank,
@@ -71,6 +75,7 @@ _CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
         (406, "No acceptable response format"),
         (413, "Too many bytes or pixels"),
         (415, "Unsupported content type"),
+        (422, "The image looks unlike the training data (LESIONSERVE_OOD_POLICY=reject)"),
         (503, "Overloaded, warming up or shutting down (see Retry-After)"),
         (504, "Deadline passed"),
     ]
@@ -89,10 +94,11 @@ CLASSIFY_ROUTE = "/v1/classify"
     openapi_extra=_CLASSIFY_BODY,
     responses=_CLASSIFY_ERRORS,
 )
-async def classify(request: Request, rt: RuntimeDep) -> Response:
+async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> Response:
     """Classify one dermoscopic image: multipart field ``image`` or a raw JPEG, PNG or DICOM body.
 
     ``Accept: application/fhir+json`` answers a FHIR R4 DiagnosticReport instead of the JSON below.
+    ``?explain=true`` adds a class activation heatmap of the top class over the model's input.
     """
     start = time.perf_counter()
     render = pick_renderer(request.headers.get("accept"))  # 406 before any work is done
@@ -104,7 +110,12 @@ async def classify(request: Request, rt: RuntimeDep) -> Response:
         if decoded.dicom is not None:
             request.state.identifiers = decoded.dicom.identifiers
         prediction = await rt.predict(decoded, deadline)
-    answer = build_answer(rt, request.state.request_id, decoded, prediction, time.perf_counter() - start)
+        ood = ood_check(rt.meta, prediction.extras)
+        enforce(ood, rt.settings.ood_policy)  # LESIONSERVE_OOD_POLICY=reject: 422
+        explanation = await rt.explain(decoded, prediction, deadline) if explain else None
+    answer = build_answer(
+        rt, request.state.request_id, decoded, prediction, time.perf_counter() - start, ood, explanation
+    )
     metrics.PREDICTIONS_TOTAL.labels(class_code=answer.top.code).inc()
     if answer.malignancy.above_threshold:
         metrics.MALIGNANCY_FLAGGED_TOTAL.inc()
@@ -112,15 +123,22 @@ async def classify(request: Request, rt: RuntimeDep) -> Response:
 
 
 def build_answer(
-    rt: Runtime, request_id: str, decoded: DecodedImage, prediction: Prediction, total_s: float
+    rt: Runtime,
+    request_id: str,
+    decoded: DecodedImage,
+    prediction: Prediction,
+    total_s: float,
+    ood: OodCheck,
+    explanation: Explanation | None = None,
 ) -> ClassifyResponse:
     """The typed answer every renderer (JSON, FHIR) starts from."""
     ranked = rank(rt.meta, prediction.probabilities)
+    top = ranked[0].model_copy(update={"warning": OOD_WARNING}) if ood.out_of_distribution else ranked[0]
     return ClassifyResponse(
         request_id=request_id,
         model=ModelRef(name=rt.meta.name, version=rt.meta.version, sha256=rt.model.sha256),
         predictions=ranked,
-        top=ranked[0],
+        top=top,
         malignancy=malignancy(rt.meta, prediction.probabilities, rt.threshold),
         image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
         timing_ms=Timing(
@@ -131,6 +149,8 @@ def build_answer(
         ),
         batch_size=prediction.batch_size,
         dicom=decoded.dicom,
+        ood=ood,
+        explanation=explanation,
     )
 
 
@@ -145,6 +165,7 @@ async def models(rt: RuntimeDep) -> ModelsResponse:
         ensemble_size=m.ensemble_size, temperature=m.temperature, metrics=m.metrics, training_data=m.training_data,
         exported_at=m.exported_at, batch_sizes=rt.batcher.sizes, max_batch_size=rt.batcher.max_batch,
         max_wait_ms=rt.settings.max_wait_ms,
+        ood=asdict(m.ood) if m.ood else None, cam=asdict(m.cam) if m.cam else None,
     )  # fmt: skip
     return ModelsResponse(models=[info])
 

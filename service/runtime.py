@@ -23,9 +23,11 @@ from service.batcher import Batcher, Prediction
 from service.config import Settings
 from service.decodepool import DecodePool
 from service.errors import DeadlineExceeded, ModelNotReady, ShuttingDown
+from service.explain import explanation
 from service.imaging import DecodedImage
-from service.inference import InferenceModel
+from service.inference import InferenceModel, ModelLoadError, MultiOutputModel
 from service.media import Decoder
+from service.schemas import Explanation
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,15 @@ class Runtime:
             if settings.malignancy_threshold is not None
             else model.metadata.malignancy_threshold
         )
+        if settings.ood_policy == "reject" and model.metadata.ood is None:
+            raise ModelLoadError(
+                "LESIONSERVE_OOD_POLICY=reject needs a model with an ood_score output"
+                " (export it with --ood-data and --ood-split), or set LESIONSERVE_OOD_POLICY=flag"
+            )
         self.keys = ApiKeys(settings.key_table(), settings.metrics_only_ids)
         self.metrics_auth = settings.metrics_key_required(self.keys.enabled)
         self.batcher = Batcher(
-            model.run,
+            model.run_outputs if isinstance(model, MultiOutputModel) else model.run,
             (self.size, self.size, 3),
             max_batch=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
@@ -176,6 +183,12 @@ class Runtime:
             raise
         metrics.DECODE_DURATION_SECONDS.observe(decoded.decode_s)
         return decoded
+
+    async def explain(self, decoded: DecodedImage, prediction: Prediction, deadline: float) -> Explanation:
+        """The heatmap of the top class over the model's input, drawn in the decode pool by ``deadline``."""
+        return await self._pool.run(
+            explanation, self.meta, decoded.pixels, prediction.probabilities, prediction.extras, deadline=deadline
+        )
 
     async def predict(self, decoded: DecodedImage, deadline: float) -> Prediction:
         """Queue a :meth:`decode` result for batched inference and wait, at most until ``deadline``."""

@@ -7,7 +7,7 @@ takes the same typed object.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.contract import ModelMetadata
 
@@ -22,6 +22,31 @@ class ClassProbability(BaseModel):
     code: str
     name: str
     probability: float
+    warning: str | None = Field(None, description="Set on `top` when the image looks unlike the training data")
+
+
+class OodCheck(BaseModel):
+    """The out-of-distribution check; ``available`` is false for a model file without the ``ood_score`` output."""
+
+    available: bool
+    score: float | None = Field(None, description="Higher = less like the training data")
+    threshold: float | None = None
+    out_of_distribution: bool | None = None
+    method: str | None = Field(None, description="energy or mahalanobis")
+    detail: str | None = None
+
+
+class Explanation(BaseModel):
+    """A class activation heatmap over the centre-cropped model input (``?explain=true``)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    available: bool
+    class_code: str | None = Field(None, alias="class", description="The class the map is for (the top class)")
+    width: int | None = None
+    height: int | None = None
+    png_base64: str | None = Field(None, description="PNG: the heatmap blended over the model's input image")
+    detail: str | None = None
 
 
 class Malignancy(BaseModel):
@@ -67,6 +92,8 @@ class ClassifyResponse(BaseModel):
     timing_ms: Timing
     batch_size: int = Field(description="Images in the inference batch this one ran in")
     dicom: DicomInfo | None = Field(None, description="Present when the upload was DICOM")
+    ood: OodCheck | None = Field(None, description="The out-of-distribution check (always set by the service)")
+    explanation: Explanation | None = Field(None, description="Present when asked for with ?explain=true")
 
 
 class ModelInfo(BaseModel):
@@ -89,6 +116,8 @@ class ModelInfo(BaseModel):
     batch_sizes: list[int]
     max_batch_size: int
     max_wait_ms: float
+    ood: dict[str, object] | None = Field(None, description="Method and threshold of the OOD check; null: none")
+    cam: dict[str, object] | None = Field(None, description="Shape of the class activation maps; null: none")
 
 
 class ModelsResponse(BaseModel):
