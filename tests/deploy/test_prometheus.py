@@ -19,6 +19,7 @@ REQUIRED_ALERTS = {
     "LesionserveQueueSaturated",
     "LesionserveOverloaded",
     "LesionserveClassDrift",
+    "LesionserveOutOfDistributionSurge",
 }
 
 
@@ -55,6 +56,20 @@ def test_rule_unit_tests_fail_when_a_threshold_moves(tmp_path: Path) -> None:
     result = run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / "lesionserve.test.yml")])
     assert result.returncode != 0
     assert "LesionserveHighErrorRatio" in result.stdout + result.stderr
+
+
+def test_ood_rule_tests_fail_when_the_share_or_traffic_floor_moves(tmp_path: Path) -> None:
+    """The OOD surge alert's unit tests pin its 20% share and its 50-image floor."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    text = (PROM / "rules" / "lesionserve.rules.yml").read_text()
+    shutil.copy(PROM / "tests" / "ood.test.yml", tmp_path / "tests" / "ood.test.yml")
+    for old, new in (("          > 0.2\n", "          > 0.6\n"), (">= 50\n", ">= 5\n")):
+        assert old in text
+        (tmp_path / "rules" / "lesionserve.rules.yml").write_text(text.replace(old, new))
+        result = run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / "ood.test.yml")])
+        assert result.returncode != 0, f"{old.strip()} -> {new.strip()} went unnoticed"
+        assert "LesionserveOutOfDistributionSurge" in result.stdout + result.stderr
 
 
 def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
