@@ -1,7 +1,7 @@
 """Throughput: the full training pipeline vs a bare forward+backward loop on ready tensors.
 
 ``python -m train.bench --data ../shared/data/ham10000 --arch resnet18 --img-size 64 --batch-size 64``
-``python -m train.bench --data ../shared/data/ham10000 --arch efficientnet_lite0 --img-size 128 --batch-size 32``
+``python -m train.bench --data ../shared/data/ham10000 --arch resnet18,efficientnet_lite0 --img-size 128 --batch-size 32``
 
 Both loops use the same model, batch size, optimiser and :func:`train.engine.train_step`.
 "bare" feeds one ready, normalised float batch over and over; "pipeline" does what
@@ -92,13 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True)
-    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--arch", default="resnet18",
+                    help="one architecture, or several comma-separated (e.g. resnet18,efficientnet_lite0): measured in turn")  # fmt: skip
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=1024, help="images decoded into the cache")
     ap.add_argument("--steps", type=int, default=5, help="steps per loop per round")
     ap.add_argument("--rounds", type=int, default=4)
-    print(json.dumps(measure(ap.parse_args(argv)), indent=2))
+    args = ap.parse_args(argv)
+    results = []
+    for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
+        results.append(measure(argparse.Namespace(**{**vars(args), "arch": arch})))
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 
