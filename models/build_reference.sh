@@ -35,7 +35,7 @@ fi
 
 # 2. Export once to measure the file on validation and choose the malignancy threshold there
 #    (never on test), then export again with that threshold in the metadata.
-"$PY" -m export "$RUN/best.pt" --out "$RUN/tmp.onnx" --tta dihedral --name reference --version "$VERSION"
+"$PY" -m export "$RUN/best.pt" --out "$RUN/tmp.onnx" --tta dihedral --name reference --version "$VERSION" --no-cam
 THRESHOLD=$("$PY" - "$RUN" "$DATA" "$TARGET_SENSITIVITY" <<'PY'
 import sys
 from pathlib import Path
@@ -55,8 +55,10 @@ print(f"{choose_threshold(malignancy_scores(probs, meta.classes, meta.malignant_
 PY
 )
 echo "malignancy threshold for sensitivity >= $TARGET_SENSITIVITY on validation: $THRESHOLD"
+# The file also carries the out-of-distribution score (fitted on the training part, threshold on
+# validation) and the class activation map (docs/export.md).
 "$PY" -m export "$RUN/best.pt" --out "$MODEL" --tta dihedral --name reference --version "$VERSION" \
-  --malignancy-threshold "$THRESHOLD"
+  --malignancy-threshold "$THRESHOLD" --ood-data "$DATA" --ood-split "$RUN/split.json"
 rm -f "$RUN/tmp.onnx" "$RUN/tmp.md"
 
 # 3. Measure the exported file on the held-out test lesions; write the card's evaluation
@@ -67,6 +69,9 @@ cp "$RUN/split.json" models/reference-eval/split.json
 cp "$RUN/config.yaml" models/reference-eval/train-config.yaml
 cp "$RUN/curves.png" models/reference-eval/train-curves.png
 cp "$RUN/reliability.png" models/reference-eval/train-reliability.png
+# Out-of-distribution check: held-out HAM10000 test images vs the packaged OOD set (docs/export.md).
+"$PY" -m export.ood_eval "$MODEL" --data "$DATA" --split "$RUN/split.json" --part test \
+  --out models/reference-eval --card models/reference.md
 if [ -d "$EXTERNAL" ]; then
   "$PY" -m export.external "$MODEL" --data "$EXTERNAL" --out models/reference-eval --card models/reference.md
 fi
@@ -92,7 +97,7 @@ Trained, exported and measured by this repository's own pipeline, on CPU (no GPU
 python -m train --data {data} {train_args} \\
   --epochs {epochs} --out {run} --no-progress
 python -m export {run}/best.pt --out models/reference.onnx --tta dihedral --name reference --version {version} \\
-  --malignancy-threshold {threshold}
+  --malignancy-threshold {threshold} --ood-data {data} --ood-split {run}/split.json
 python -m export.evaluate models/reference.onnx --data {data} --split {run}/split.json --part test \\
   --out models/reference-eval --card models/reference.md
 ```
