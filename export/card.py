@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from export.parity import Check
-from service.contract import INPUT_NAME, OUTPUT_NAME, PREFIX, ModelMetadata
+from service.contract import CAM_OUTPUT, INPUT_NAME, OOD_OUTPUT, OUTPUT_NAME, PREFIX, ModelMetadata
 
 
 def _scalar(k: str, v: Any) -> str:
@@ -48,6 +48,75 @@ def _metrics_lines(metrics: dict[str, Any], classes: Sequence[str]) -> list[str]
         lines += ["| | " + " | ".join(f"`{c}`" for c in classes) + " |", "|---" + "|---:" * len(classes) + "|"]
         lines += [f"| `{c}` | " + " | ".join(str(x) for x in row) + " |" for c, row in zip(classes, cm, strict=True)]
     return lines
+
+
+def _extra_outputs(meta: ModelMetadata) -> list[str]:
+    lines = []
+    if meta.ood is not None:
+        lines.append(
+            f"- output `{OOD_OUTPUT}`: float32 `[N]`, higher = less like the training data ({meta.ood.method})."
+        )
+    if meta.cam is not None:
+        k, h, w = meta.cam.shape
+        lines.append(f"- output `{CAM_OUTPUT}`: float32 `[N, {k}, {h}, {w}]`, one class activation map per class.")
+    return lines
+
+
+def _ood_limitation(meta: ModelMetadata) -> list[str]:
+    if meta.ood is None:
+        return [
+            "- Dermoscopic images only: clinical photographs, histology and non-skin images are out of distribution",
+            "  and still get a confident-looking answer; nothing in this file detects them (no `ood_score` output).",
+        ]
+    return [
+        "- Dermoscopic images only: clinical photographs, histology and non-skin images are out of distribution.",
+        "  The out-of-distribution check below flags many of them, not all (see its measured detection rate);",
+        "  a flagged answer still carries probabilities, which then mean little.",
+    ]
+
+
+def _ood_section(meta: ModelMetadata) -> list[str]:
+    if meta.ood is None:
+        return []
+    o = meta.ood
+    how = {
+        "mahalanobis": "squared Mahalanobis distance of the pooled backbone features to the nearest class mean,"
+        " with one covariance shared by the classes (Ledoit-Wolf shrinkage), fitted on the training images",
+        "energy": "energy score, -logsumexp of the logits (before the temperature)",
+    }[o.method]
+    fitted = ", ".join(f"{k} {v}" for k, v in sorted(o.fitted_on.items()))
+    return [
+        "## Out-of-distribution check",
+        "",
+        f"Output `{OOD_OUTPUT}`: {how}; averaged over the TTA views and the members like the probabilities.",
+        f"An image is out of distribution when its score is above **{o.threshold:.6g}**: the threshold that"
+        f" {o.pass_rate:.1%} of the in-distribution validation images stay at or below. Fitted on: {fitted}.",
+        "Measured detection rates are added by `python -m export.ood_eval` (section below, when run).",
+        "",
+    ]
+
+
+def _cam_section(meta: ModelMetadata) -> list[str]:
+    if meta.cam is None:
+        return []
+    k, h, w = meta.cam.shape
+    head = (
+        "exact: the head is linear on global-average-pooled features, so a map's mean plus the class bias is the"
+        " class logit"
+        if meta.cam.head == "linear"
+        else f"head `{meta.cam.head}`: the ReLU MLP head is linearised exactly per image (its own ReLU pattern),"
+        " so a map's mean plus that image's effective bias is the class logit"
+    )
+    return [
+        "## Class activation map",
+        "",
+        f"Output `{CAM_OUTPUT}`: `[N, {k}, {h}, {w}]`, the last feature map weighted by each class's head row"
+        f" ({head}). Each TTA view's map is turned back before the views are averaged, so cell (i, j) covers the",
+        f"input's rows i·S/{h}..(i+1)·S/{h} and columns j·S/{w}..(j+1)·S/{w}; with the dihedral views the map"
+        " of a rotated image is the rotated map (checked at export). It shows where the evidence for a class"
+        " lies, not why; a coarse grid, not a segmentation.",
+        "",
+    ]
 
 
 def render_card(meta: ModelMetadata, checks: Sequence[Check], *, file_name: str, size_bytes: int, opset: int) -> str:
@@ -100,6 +169,7 @@ def render_card(meta: ModelMetadata, checks: Sequence[Check], *, file_name: str,
         f"- architecture: {meta.ensemble_size} member(s), probabilities averaged: {members}.",
         "  Temperatures were fitted on validation data by training (1 = not fitted).",
         f"- output `{OUTPUT_NAME}`: float32 `[N, {len(meta.classes)}]`, rows sum to 1.",
+        *_extra_outputs(meta),
         "",
         "## Training data",
         "",
@@ -115,8 +185,7 @@ def render_card(meta: ModelMetadata, checks: Sequence[Check], *, file_name: str,
         "",
         "## Limitations",
         "",
-        "- Dermoscopic images only: clinical photographs, histology and non-skin images are out of distribution",
-        "  and still get a confident-looking answer; nothing in the model detects them.",
+        *_ood_limitation(meta),
         f"- Resolution: images are centre-cropped and resized to {s}x{s}; a lesion off-centre or smaller than",
         "  the crop loses detail, and fine structures below that resolution are not seen.",
         "- Population: HAM10000 comes from two sites (Vienna, Queensland) and is mostly light skin (Fitzpatrick",
@@ -124,6 +193,8 @@ def render_card(meta: ModelMetadata, checks: Sequence[Check], *, file_name: str,
         "- Classes: only the classes above; any other diagnosis is forced into one of them.",
         "- Validation is retrospective, on held-out lesions of the same data set, not prospective or external.",
         "",
+        *_ood_section(meta),
+        *_cam_section(meta),
         "## Verification at export",
         "",
         *[f"- {c}" for c in checks],

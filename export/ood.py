@@ -8,6 +8,7 @@ validation images stay at or below). The test part is never read here; ``python 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -60,6 +61,14 @@ class OodConfig:
             raise ExportError(f"--ood-fit-limit must be >= 0, got {self.fit_limit}")
         if not self.split.is_file():
             raise ExportError(f"--ood-split {self.split}: no such file")
+        try:
+            parts = json.loads(self.split.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ExportError(f"--ood-split {self.split}: not a split.json ({exc})") from exc
+        needed = ["val"] + (["train"] if self.method == "mahalanobis" else [])
+        missing = [p for p in needed if not isinstance(parts, dict) or not parts.get(p)]
+        if missing:
+            raise ExportError(f"--ood-split {self.split}: no images in part(s) {', '.join(missing)}")
 
 
 def labelled_part(cfg: OodConfig, classes: list[str], part: str, limit: int = 0) -> LabelledSet:
