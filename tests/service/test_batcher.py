@@ -299,15 +299,18 @@ def test_a_bad_input_fails_only_its_own_request() -> None:
     assert model.batches[:4] == [3, 1, 1, 1]  # the failed batch of 3, then one retry per image
 
 
-def test_a_failing_model_fails_requests_and_the_worker_survives() -> None:
+def test_a_failing_model_fails_requests_and_the_worker_survives(caplog: pytest.LogCaptureFixture) -> None:
     model = FakeModel()
     model.fail_all = True
     batcher = make_batcher(model)
     try:
-        with pytest.raises(InferenceFailed) as err:
+        with caplog.at_level(logging.WARNING, logger="service.batcher"), pytest.raises(InferenceFailed) as err:
             batcher.submit(image(1), far()).result(5)
         assert err.value.detail == "inference failed for this image"
         assert model.batches == [1]  # a lone image that failed is not retried
+        assert [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records] == [
+            ("ERROR", "inference failed", True)
+        ]
         model.fail_all = False
         assert batcher.submit(image(1), far()).result(5).batch_size == 1
     finally:

@@ -35,6 +35,7 @@ def test_every_request_answered_during_the_drain_is_audited(tmp_path: Path, tiny
     audit = tmp_path / "audit.jsonl"
     with served(tmp_path, tiny_onnx, audit_log=str(audit), shutdown_grace_s="20") as server:
         server.hold.touch()
+        entered = server.runs_entered()
         answers: dict[str, httpx.Response] = {}
 
         def send(request_id: str) -> None:
@@ -43,7 +44,12 @@ def test_every_request_answered_during_the_drain_is_audited(tmp_path: Path, tiny
         threads = [threading.Thread(target=send, args=(f"held-{n}",)) for n in range(4)]
         for t in threads:
             t.start()
-        server.wait_until("4 requests admitted", lambda: server.metrics()[("lesionserve_in_flight_requests", ())] >= 4)
+        # admitted = one inside the held model run, three queued (max batch 1); the in-flight gauge
+        # would also count requests still being read, and the /metrics scrape itself
+        server.wait_until(
+            "4 requests admitted",
+            lambda: server.runs_entered() > entered and server.metrics()[("lesionserve_queue_depth", ())] == 3,
+        )
         server.proc.send_signal(signal.SIGTERM)
         server.wait_until("the drain", lambda: httpx.get(f"{server.base}/readyz", timeout=2).status_code == 503)
         answers["late"] = post(server.base, "late")  # refused during the drain: answered, so audited
