@@ -31,7 +31,7 @@ def images(isic_images: list[Path]) -> np.ndarray:
 
 def test_file_follows_the_contract(dihedral: ExportResult) -> None:
     model = onnx.load(str(dihedral.path))
-    (inp,), (out,) = model.graph.input, model.graph.output
+    (inp,), out = model.graph.input, model.graph.output[0]  # probabilities first; optional cam/ood_score after
     assert (inp.name, inp.type.tensor_type.elem_type) == (INPUT_NAME, onnx.TensorProto.UINT8)
     assert (out.name, out.type.tensor_type.elem_type) == (OUTPUT_NAME, onnx.TensorProto.FLOAT)
     in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
@@ -81,7 +81,7 @@ def test_export_reports_its_checks_and_writes_the_card(dihedral: ExportResult) -
 def test_fp16_ensemble_of_mixed_architectures(make_ckpt: MakeCkpt, tmp_path: Path, images: np.ndarray) -> None:
     paths = [make_ckpt("e1", seed=1, temperature=1.2), make_ckpt("e2", arch="resnet34", seed=2, temperature=2.0)]
     result = export_checkpoints(paths, tmp_path / "ens.onnx", tta="flips", fp16=True)
-    assert [c.name for c in result.checks][-1] == "ensemble vs mean of 2 members"
+    assert "ensemble vs mean of 2 members" in [c.name for c in result.checks]
     assert result.metadata.architecture == ["resnet18", "resnet34"] and result.metadata.ensemble_size == 2
     fp16_weights = [t for t in onnx.load(str(result.path)).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     assert sum(int(np.prod(t.dims)) for t in fp16_weights) > 1_000_000  # the backbones really are half precision
