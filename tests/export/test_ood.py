@@ -32,7 +32,7 @@ CLASSES = ["melanoma", "nevus"]
 
 @pytest.fixture(scope="module")
 def lesion_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """An ImageFolder (melanoma/, nevus/) of 40 PNGs and its split.json (train 24, val 8, test 8)."""
+    """An ImageFolder (melanoma/, nevus/) of 48 PNGs and its split.json (train 24, val 8, test 16)."""
     root = tmp_path_factory.mktemp("lesions")
     stems = []
     for cls in CLASSES:
@@ -111,7 +111,7 @@ def test_ood_eval_writes_the_card_section_once(
     assert text.count(CARD_START) == 1 and text.startswith("# Model card")
     assert "| **all OOD images** | 53 |" in capsys.readouterr().out
     m = json.loads((tmp_path / "ood_metrics.json").read_text())
-    assert m["in_distribution"]["n"] == 8 and set(m["ood"]["groups"]) == set(GROUPS)
+    assert m["in_distribution"]["n"] == 16 and set(m["ood"]["groups"]) == set(GROUPS)
     assert 0.0 <= m["ood"]["auroc"] <= 1.0
 
 
