@@ -69,9 +69,11 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def phase(name: str, server: Server, images: list[bytes], concurrency: int, requests: int) -> dict[str, Any]:
+def phase(
+    name: str, server: Server, images: list[bytes], concurrency: int, requests: int, path: str = "/v1/classify"
+) -> dict[str, Any]:
     load_before = load_avg()
-    result: LoadResult = run_load(server.url, images, concurrency, requests)
+    result: LoadResult = run_load(server.url, images, concurrency, requests, path)
     summary = {"name": name, **result.summary(), "load_before": load_before, "load_after": load_avg()}
     log.info("%s", json.dumps(summary))
     return summary
@@ -95,6 +97,7 @@ def main() -> int:
     p.add_argument("--rss-requests", type=int, default=5000, help="0 skips the RSS run")
     p.add_argument("--rss-model", type=Path, help="model for the RSS run (default: ResNet-50-shaped, width 16)")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--explain", action="store_true", help="also time the service with ?explain=true (heatmaps)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
     args = p.parse_args()
     # SIGTERM (e.g. timeout) must still run the finally blocks that stop the server processes.
@@ -135,6 +138,12 @@ def main() -> int:
             for name, server in order:
                 phases.append({"repeat": r, **phase(f"{name} c1", server, images, 1, args.requests_c1)})
                 phases.append({"repeat": r, **phase(f"{name} c16", server, images, 16, args.requests_c16)})
+            if args.explain:  # same server, same repeat: the heatmap's cost is the difference
+                explain = "/v1/classify?explain=true"
+                phases.append({"repeat": r, **phase("service c1 explain", svc, images, 1, args.requests_c1, explain)})
+                phases.append(
+                    {"repeat": r, **phase("service c16 explain", svc, images, 16, args.requests_c16, explain)}
+                )
         report["service_rss_mb"] = {"after_warm_up": round(rss_warm, 1), "after_runs": round(svc.rss_mb(), 1)}
     finally:
         for server in servers.values():

@@ -40,7 +40,7 @@ class LoadResult:
         }  # fmt: skip
 
 
-async def _drive(url: str, images: list[bytes], concurrency: int, requests: int) -> LoadResult:
+async def _drive(url: str, images: list[bytes], concurrency: int, requests: int, path: str) -> LoadResult:
     counter = iter(range(requests))
     latencies: list[float] = []
     statuses: dict[str, int] = {}
@@ -53,7 +53,7 @@ async def _drive(url: str, images: list[bytes], concurrency: int, requests: int)
                 start = time.perf_counter()
                 try:
                     resp = await client.post(
-                        "/v1/classify", content=images[i % len(images)], headers={"content-type": "image/jpeg"}
+                        path, content=images[i % len(images)], headers={"content-type": "image/jpeg"}
                     )
                     key = str(resp.status_code)
                 except httpx.TransportError as exc:
@@ -67,10 +67,10 @@ async def _drive(url: str, images: list[bytes], concurrency: int, requests: int)
     return LoadResult(concurrency, requests, seconds, latencies, statuses)
 
 
-def run_load(url: str, images: list[bytes], concurrency: int, requests: int) -> LoadResult:
-    """``requests`` POSTs from ``concurrency`` closed-loop clients (each waits for its answer)."""
+def run_load(url: str, images: list[bytes], concurrency: int, requests: int, path: str = "/v1/classify") -> LoadResult:
+    """``requests`` POSTs to ``path`` from ``concurrency`` closed-loop clients (each waits for its answer)."""
     before = scrape_batches(url)
-    result = asyncio.run(_drive(url, images, concurrency, requests))
+    result = asyncio.run(_drive(url, images, concurrency, requests, path))
     result.batch_hist = batch_histogram(before, scrape_batches(url))
     return result
 
