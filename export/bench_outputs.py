@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx.utils import Extractor
 
 from export.bench import paired_times_s, session
@@ -65,6 +66,42 @@ def bench(model_path: Path, batches: Sequence[int], repeats: int, threads: int) 
     return {"model": str(model_path), "size": size, "threads": threads, "repeats": repeats, "rows": rows}
 
 
+def profile_shares(model_path: Path, batches: Sequence[int], runs: int, threads: int) -> list[dict[str, Any]]:
+    """Share of ONNX Runtime kernel time spent in the nodes only ``ood_score`` or only ``cam`` need.
+
+    Kernel times come from ORT's profiler (graph optimisations off, so the nodes keep the graph's names);
+    a share of one run's own time is steady under outside load, where wall-clock differences are not.
+    """
+    model = onnx.load(str(model_path))
+    nodes = {name: {n.name for n in Extractor(model).extract_model([INPUT_NAME], [name]).graph.node}
+             for name in (OUTPUT_NAME, OOD_OUTPUT, CAM_OUTPUT)}  # fmt: skip
+    size = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    rows = []
+    for b in batches:
+        opts = ort.SessionOptions()
+        opts.enable_profiling, opts.intra_op_num_threads = True, threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        with tempfile.TemporaryDirectory() as tmp:
+            opts.profile_file_prefix = f"{tmp}/profile"
+            sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(0).integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+            for _ in range(runs):
+                sess.run(None, {INPUT_NAME: x})
+            events = json.loads(Path(sess.end_profiling()).read_text())
+        kernel: dict[str, float] = {}
+        for e in events:  # one event per node per run: summed over the runs
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                name = e["name"].removesuffix("_kernel_time")
+                kernel[name] = kernel.get(name, 0.0) + e["dur"]
+        total = sum(kernel.values())
+        share = {
+            out: sum(t for n, t in kernel.items() if n in nodes[out] and n not in nodes[OUTPUT_NAME]) / total
+            for out in (OOD_OUTPUT, CAM_OUTPUT)
+        }
+        rows.append({"batch": b, "ood_score_pct": 100 * share[OOD_OUTPUT], "cam_pct": 100 * share[CAM_OUTPUT]})
+    return rows
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"`{result['model']}` ({result['size']} px), ONNX Runtime CPU, {result['threads']} threads, best of"
@@ -88,9 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--profile", action="store_true", help="kernel-time shares from ORT's profiler instead of timing")
     a = p.parse_args(argv)
+    batches = [int(b) for b in a.batches.split(",")]
     try:
-        result = bench(a.model, [int(b) for b in a.batches.split(",")], a.repeats, a.threads)
+        if a.profile:
+            rows = profile_shares(a.model, batches, a.repeats, a.threads)
+            print("| batch | ood_score nodes, % of kernel time | cam nodes, % of kernel time |\n|---:|---:|---:|")
+            print("\n".join(f"| {r['batch']} | {r['ood_score_pct']:.2f}% | {r['cam_pct']:.2f}% |" for r in rows))
+            return 0
+        result = bench(a.model, batches, a.repeats, a.threads)
     except (ValueError, OSError) as exc:
         print(f"export.bench_outputs: {exc}", file=sys.stderr)
         return 2
