@@ -282,3 +282,25 @@ def test_malformed_ood_or_cam_metadata_is_refused(key: str, value: str, message:
     props[f"lesionserve.{key}"] = value
     with pytest.raises(MetadataError, match=message.replace("[", "\\[").replace("(", "\\(")):
         ModelMetadata.from_props(props, source="m.onnx")
+
+
+def test_bench_outputs_times_and_profiles_the_optional_outputs(
+    ood_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.bench_outputs import main as bench_main
+
+    assert bench_main([str(ood_model), "--batches", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| + ood_score + cam | 1 |" in out and out.rstrip().endswith("| 12 |")  # score 4 + maps 2 x 1 x 1 x 4
+    assert bench_main([str(ood_model), "--batches", "2", "--repeats", "1", "--profile"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    shares = [float(c.strip().rstrip("%")) for c in row.strip("|").split("|")[1:]]
+    assert row.startswith("| 2 |") and all(0 < v < 50 for v in shares)
+
+
+def test_bench_outputs_needs_both_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.bench_outputs import main as bench_main
+    from tests.tiny_model import make_tiny_onnx
+
+    assert bench_main([str(make_tiny_onnx(tmp_path / "plain.onnx"))]) == 2
+    assert "lacks 'ood_score' or 'cam'" in capsys.readouterr().err
