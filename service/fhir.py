@@ -159,25 +159,21 @@ def _class_observation(p: Mapping[str, Any], index: int) -> dict[str, Any]:
     return _observation(obs_id, {"coding": [_class_coding(p)], "text": text}, p["probability"])
 
 
+def _interpreted(obs: dict[str, Any], high: bool, text: str, threshold: float, range_text: str) -> dict[str, Any]:
+    """``obs`` with an H/N interpretation and its threshold as ``referenceRange.high``."""
+    coding = {"system": INTERPRETATION_SYSTEM, "code": "H" if high else "N", "display": "High" if high else "Normal"}
+    obs["interpretation"] = [{"coding": [coding], "text": text}]
+    obs["referenceRange"] = [{"high": _probability(threshold), "text": range_text}]
+    return obs
+
+
 def _malignancy_observation(m: Mapping[str, Any]) -> dict[str, Any]:
     coding = {"system": CODE_SYSTEM, "code": "malignancy-score", "display": "Malignancy score"}
     classes = ", ".join(str(c) for c in m.get("classes", []))
     obs = _observation("malignancy", {"coding": [coding], "text": f"Malignancy score (sum of {classes})"}, m["score"])
     above = bool(m["above_threshold"])
-    obs["interpretation"] = [
-        {
-            "coding": [
-                {
-                    "system": INTERPRETATION_SYSTEM,
-                    "code": "H" if above else "N",
-                    "display": "High" if above else "Normal",
-                }
-            ],
-            "text": "at or above the malignancy threshold" if above else "below the malignancy threshold",
-        }
-    ]
-    obs["referenceRange"] = [{"high": _probability(m["threshold"]), "text": "malignancy threshold"}]
-    return obs
+    text = "at or above the malignancy threshold" if above else "below the malignancy threshold"
+    return _interpreted(obs, above, text, m["threshold"], "malignancy threshold")
 
 
 def _ood_observation(ood: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,20 +181,8 @@ def _ood_observation(ood: Mapping[str, Any]) -> dict[str, Any]:
     text = f"Out-of-distribution score ({ood['method']}; higher = less like the training data)"
     obs = _observation("ood", {"coding": [coding], "text": text}, ood["score"])
     flagged = bool(ood["out_of_distribution"])
-    obs["interpretation"] = [
-        {
-            "coding": [
-                {
-                    "system": INTERPRETATION_SYSTEM,
-                    "code": "H" if flagged else "N",
-                    "display": "High" if flagged else "Normal",
-                }
-            ],
-            "text": "unlike the training data" if flagged else "like the training data",
-        }
-    ]
-    obs["referenceRange"] = [{"high": _probability(ood["threshold"]), "text": "out-of-distribution threshold"}]
-    return obs
+    text = "unlike the training data" if flagged else "like the training data"
+    return _interpreted(obs, flagged, text, ood["threshold"], "out-of-distribution threshold")
 
 
 def _ood_sentence(ood: Mapping[str, Any]) -> str:
