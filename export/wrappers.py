@@ -84,17 +84,6 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Preprocess(nn.Module):
-    """uint8 ``(N, S, S, 3)`` RGB -> float32 ``(N, 3, S, S)`` normalised with ``mean``/``std`` (on [0, 1])."""
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.normalize(to_nchw_float(image))
-
-
 class TTAViews(nn.Module):
     """Stack the views along the batch axis: ``(N, C, S, S)`` -> ``(V*N, C, S, S)``, view-major.
 

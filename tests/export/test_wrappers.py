@@ -10,7 +10,6 @@ from export.wrappers import (
     CalibratedMember,
     LesionModel,
     Normalize,
-    Preprocess,
     TTAViews,
     UnknownTTAError,
     to_nchw_float,
@@ -45,7 +44,7 @@ def test_preprocess_is_imagenet_normalisation_in_nchw() -> None:
     image = torch.randint(0, 256, (2, 4, 6, 3), dtype=torch.uint8)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     expected = ((image.float() / 255 - mean) / std).permute(0, 3, 1, 2)
-    torch.testing.assert_close(Preprocess()(image), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(Normalize()(to_nchw_float(image)), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_member_divides_logits_by_its_temperature() -> None:
@@ -100,7 +99,7 @@ def test_each_member_normalises_with_its_own_statistics() -> None:
     with torch.no_grad():
         out = LesionModel([res, lite], ("identity",))(image)
         lite_in = (image.permute(0, 3, 1, 2).float() - 127.0) / 128.0
-        imagenet_in = Preprocess()(image)
+        imagenet_in = Normalize()(to_nchw_float(image))
         expected = (torch.softmax(res.backbone(imagenet_in), -1) + torch.softmax(lite.backbone(lite_in), -1)) / 2
         wrong = (torch.softmax(res.backbone(imagenet_in), -1) + torch.softmax(lite.backbone(imagenet_in), -1)) / 2
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
