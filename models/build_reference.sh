@@ -5,9 +5,9 @@
 #
 #   bash models/build_reference.sh [DATA_DIR] [RUN_DIR]
 #
-# DATA_DIR defaults to ../shared/data/ham10000 (HAM10000_metadata.csv + images). About 40 min
-# on a 2-core CPU when nothing else runs (EfficientNet-Lite0 at 128 px, ~25 img/s); minutes on a
-# GPU (add --device cuda to the train step). EXTERNAL (default ../shared/data/isic-archive-cc0)
+# DATA_DIR defaults to ../shared/data/ham10000 (HAM10000_metadata.csv + images). Not timed end to end:
+# epochs 9-11 of the bundled run trained at 20-25 img/s on 2 threads, i.e. ~5 min per epoch here; on a
+# GPU (not measured) add --device cuda to the train step. EXTERNAL (default ../shared/data/isic-archive-cc0)
 # is the external melanoma/nevus check written into the card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
