@@ -50,7 +50,7 @@ pytest: test-deps
 ## make mutation [MODULES="service/batcher.py ..."]: mutation testing with mutmut (docs/testing.md); not in CI
 # Each module takes minutes to tens of minutes on 2 cores; mutmut keeps its results in mutants/
 # and re-tests only the functions changed since, so a second run is quick.
-MUTATION_MODULES := service/batcher.py service/auth.py service/imaging.py service/dicom.py service/runtime.py \
+MUTATION_MODULES := service/batcher.py service/auth.py service/imaging.py service/hospital/dicom.py service/runtime.py \
                     service/media.py service/errors.py service/schemas.py export/parity.py
 MODULES ?= $(MUTATION_MODULES)
 MUTATION_JOBS ?= 2

@@ -104,7 +104,7 @@ class AuditLog:
             status: the HTTP status answered.
             problem_type: the problem ``type`` URI for an error answer, None on success.
             latency_ms: wall time of the request.
-            identifiers: DICOM identifiers from :func:`service.dicom.read_dicom`; UIDs are hashed,
+            identifiers: DICOM identifiers from :func:`service.hospital.dicom.read_dicom`; UIDs are hashed,
                 the Accession Number is left out.
         """
         entry: dict[str, Any] = {

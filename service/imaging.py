@@ -54,7 +54,7 @@ class DecodedImage:
     height: int
     format: str
     decode_s: float
-    dicom: DicomInfo | None = None  # set by service.dicom.decode_dicom
+    dicom: DicomInfo | None = None  # set by service.hospital.dicom.decode_dicom
 
 
 def sniff_format(data: bytes) -> str | None:

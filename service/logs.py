@@ -48,7 +48,7 @@ def _where(frame: traceback.FrameSummary) -> str:
 def describe_exception(exc: BaseException) -> str:
     """Exception types and code locations, innermost frame last; never a message or a value.
 
-    E.g. ``KeyError at service/dicom.py:201 in _read_header <- pydicom/dataset.py:880 in get``, and
+    E.g. ``KeyError at service/hospital/dicom.py:201 in _read_header <- pydicom/dataset.py:880 in get``, and
     ``(cause: ValueError at ...)`` for a chained exception.
     """
     parts: list[str] = []

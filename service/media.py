@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.dicom import decode_dicom, is_dicom
 from service.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
-from service.fhir import diagnostic_report
+from service.hospital.dicom import decode_dicom, is_dicom
+from service.hospital.fhir import diagnostic_report
 from service.imaging import DecodedImage, decode_image
 from service.schemas import ClassifyResponse
 

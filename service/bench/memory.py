@@ -34,7 +34,8 @@ SIZE = 224
 
 _CHILD = r"""
 import json, sys, time
-from service import codecs, imaging, dicom
+from service import codecs, imaging
+from service.hospital import dicom
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):

@@ -19,8 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.audit import AUDIT_LOGGER, AuditLog
-from service.dicom import read_dicom
 from service.errors import UnsupportedMediaType
+from service.hospital.dicom import read_dicom
 from service.logs import JsonFormatter
 from tests.conftest import TEST_DATA, shared_data
 

@@ -1,4 +1,4 @@
-"""service.dicom: what decodes (compared with independent decodes), what is refused and that refusals never decode."""
+"""service.hospital.dicom: what decodes (compared with independent decodes), what is refused and that refusals never decode."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from service.dicom import (
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.hospital.dicom import (
     DERMOSCOPIC_PHOTOGRAPHY,
     IDENTIFIER_KEYWORDS,
     SECONDARY_CAPTURE,
@@ -38,7 +39,6 @@ from service.dicom import (
     is_dicom,
     read_dicom,
 )
-from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from tests.conftest import TEST_DATA, shared_data
 
 COMMITTED = sorted((TEST_DATA / "dicom").glob("*.dcm"))

@@ -1,4 +1,4 @@
-"""service.fhir: the DiagnosticReport validates as FHIR R4 (fhir.resources.R4B) and says what the answer says."""
+"""service.hospital.fhir: the DiagnosticReport validates as FHIR R4 (fhir.resources.R4B) and says what the answer says."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from pydantic import ValidationError
 
-from service.dicom import read_dicom
-from service.fhir import DICOM_UID_SYSTEM, diagnostic_report
+from service.hospital.dicom import read_dicom
+from service.hospital.fhir import DICOM_UID_SYSTEM, diagnostic_report
 from service.schemas import ClassifyResponse
 from tests.conftest import TEST_DATA
 from tests.service.conftest import FakeModel, jpeg_bytes

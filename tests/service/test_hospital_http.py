@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
-from service.dicom import DERMOSCOPIC_PHOTOGRAPHY
+from service.hospital.dicom import DERMOSCOPIC_PHOTOGRAPHY
 from tests.conftest import TEST_DATA
 from tests.service.conftest import jpeg_bytes
 from tests.service.test_dicom import PATIENT_ID, PATIENT_NAME, gradient, make_dicom

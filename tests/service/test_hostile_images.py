@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from service import codecs
 from service.bench import streams
 from service.bench.streams import TS, pattern
-from service.dicom import read_dicom
 from service.errors import InvalidImage, PayloadTooLarge
+from service.hospital.dicom import read_dicom
 from service.imaging import decode_budget, decode_image
 from tests.service.test_dicom import no_decoding  # noqa: F401  # the fixture: every pixel decoder raises
 

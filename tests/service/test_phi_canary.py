@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
-import service.dicom
+import service.hospital.dicom
 from service.bench import streams
 from service.bench.streams import CANARY_BIRTH_DATE, CANARY_MRN, CANARY_NAME, TS, pattern
 from service.logs import JsonFormatter
@@ -142,13 +142,13 @@ def test_a_500_is_logged_as_types_and_locations_without_the_message(
     def fault(*args: object, **kwargs: object) -> None:
         raise ValueError(f"bad value {CANARY_NAME!r} in element (0010,0010)")
 
-    monkeypatch.setattr(service.dicom, "center_crop_resize", fault)
+    monkeypatch.setattr(service.hospital.dicom, "center_crop_resize", fault)
     client = client_factory()
     r = client.post("/v1/classify", content=canary_bases()[0], headers={"content-type": "application/dicom"})
     assert r.status_code == 500 and CANARY_NAME not in r.text
     out, err = capfd.readouterr()
     log = app_log.getvalue()
-    assert "ValueError" in log and "service/dicom.py" in log  # type and location are kept
+    assert "ValueError" in log and "service/hospital/dicom.py" in log  # type and location are kept
     assert_no_canary(log + out + err, "the 500's log line")
 
 

@@ -23,8 +23,8 @@ from starlette.datastructures import Headers
 from service.batcher import collect_batch
 from service.bench.streams import dicom
 from service.contract import ModelMetadata
-from service.dicom import read_dicom
 from service.errors import InvalidImage, PayloadTooLarge
+from service.hospital.dicom import read_dicom
 from service.imaging import ImageHeader, read_header
 from service.media import DECODERS, pick_decoder
 

@@ -1,6 +1,6 @@
 """The first frame of a DICOM object's Pixel Data -> RGB, with the codestream checked before decoding.
 
-:mod:`service.dicom` has already checked the header (size against ``max_pixels``, colour model, bit
+:mod:`service.hospital.dicom` has already checked the header (size against ``max_pixels``, colour model, bit
 depth) and the Pixel Data framing. Here, per transfer syntax, the codec's own header is read
 (:mod:`service.codecs`) and must agree with the DICOM header: a 64x64 header in front of a
 30000x30000 JPEG is a 400 before a byte is decoded. Then the decode's working memory is estimated
@@ -61,7 +61,7 @@ def decode_first_frame(
 
     Args:
         data: the whole object.
-        ts: its transfer syntax (one of service.dicom.SUPPORTED_TRANSFER_SYNTAXES).
+        ts: its transfer syntax (one of service.hospital.dicom.SUPPORTED_TRANSFER_SYNTAXES).
         image: the header's Image Pixel module.
         value: (start, end) of the Pixel Data value in ``data``, framing already checked.
         budget: bytes of working memory the decode may use.

@@ -8,7 +8,7 @@ Order of the checks, cheapest and safest first:
 3. the Pixel Data element's framing (lengths, fragment items) against the bytes received, so a
    truncated upload is refused by offset arithmetic, not by a decoder;
 4. the first frame's codestream header against the DICOM header, and the decode's memory against the
-   budget (:mod:`service.dicom_pixels`); only then the decode, as RGB.
+   budget (:mod:`service.hospital.dicom_pixels`); only then the decode, as RGB.
 
 Every header value is read inside one guard (:func:`_read_header`): a malformed element is a 400
 naming the exception type only, never a 500 whose traceback would quote the element's bytes.
@@ -37,8 +37,8 @@ from pydicom.filereader import _read_file_meta_info, read_preamble  # no public 
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from service.dicom_pixels import ImageModule, decode_first_frame
 from service.errors import InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.hospital.dicom_pixels import ImageModule, decode_first_frame
 from service.imaging import DecodedImage, center_crop_resize, decode_budget
 from service.schemas import DicomInfo
 

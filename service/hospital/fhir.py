@@ -53,7 +53,7 @@ def diagnostic_report(
     Args:
         answer: the JSON classification answer (``request_id``, ``model``, ``predictions``, ``top``,
             ``malignancy``), as a mapping or the response model.
-        identifiers: DICOM identifiers from :func:`service.dicom.read_dicom` (Study/Series/SOP
+        identifiers: DICOM identifiers from :func:`service.hospital.dicom.read_dicom` (Study/Series/SOP
             Instance UID, Accession Number), or None for a JPEG/PNG upload.
         issued: when the answer was made; must be timezone-aware (FHIR ``instant``).
 
