@@ -2,7 +2,8 @@
 
 SIGTERM (or SIGINT, Ctrl-C) drains: ``/readyz`` turns 503 and new work is refused at once, queued
 and in-flight requests finish (up to ``SHUTDOWN_GRACE_S``), then the server stops. A second signal
-stops at once. Start-up errors print one line and exit 2.
+stops at once. SIGHUP reloads the model file (a model swap while serving: service.swap); the
+outcome is logged. Start-up errors print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main() -> int:
         http="h11",
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
+    reloader = app.state.reloader
+    # Never the reload itself in the handler: it runs between two bytecodes of the event loop's thread.
+    signal.signal(signal.SIGHUP, lambda sig, frame: reloader.reload_in_background("sighup"))
     DrainingServer(config, app.state.runtime).run()
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.types import Scope
@@ -17,12 +19,20 @@ from service.logs import guard_third_party_output
 from service.middleware import RequestContextMiddleware
 from service.routes import CLASSIFY_ROUTE, router
 from service.runtime import Runtime
+from service.swap.admin import router as admin_router
+from service.swap.reloader import Reloader
+from service.swap.watch import ModelWatcher
 
 log = logging.getLogger(__name__)
 
 
 def load_model(settings: Settings) -> OnnxModel:
     """Open the model with the settings' providers and thread counts (raises ModelLoadError)."""
+    return open_model(settings, settings.model_path)
+
+
+def open_model(settings: Settings, path: Path) -> OnnxModel:
+    """Open ``path`` as :func:`load_model` does (a model swap opens the new file with it)."""
     # The provider decides the thread default; ask ORT which provider wins before choosing.
     import onnxruntime as ort
 
@@ -30,7 +40,7 @@ def load_model(settings: Settings) -> OnnxModel:
 
     first = choose_providers(settings.provider_list, ort.get_available_providers())[0]
     return OnnxModel.load(
-        settings.model_path,
+        path,
         settings.provider_list,
         intra_op_threads=settings.resolved_intra_op_threads(first),
         cuda_mem_limit_mb=settings.cuda_mem_limit_mb,
@@ -50,12 +60,18 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
     """
     settings = settings or Settings()  # model_path comes from the env
     guard_third_party_output()  # pydicom's logger and Python warnings can quote header values
-    runtime = Runtime(settings, model or load_model(settings))
+    runtime = Runtime(settings, model or load_model(settings), settings.model_path)
+    reloader = Reloader(runtime, partial(open_model, settings), settings.model_path)
+    watcher = ModelWatcher(reloader, settings.model_watch_interval_s) if settings.model_watch else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            watcher.stop()
         runtime.close()
 
     app = FastAPI(
@@ -67,7 +83,9 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         redoc_url=None,
     )
     app.state.runtime = runtime
+    app.state.reloader = reloader  # SIGHUP (service.__main__) and the admin route reach it here
     app.include_router(router)
+    app.include_router(admin_router)
     install_error_handlers(app)
     install_docs(app, "lesionserve")
 

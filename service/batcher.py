@@ -41,12 +41,25 @@ class Prediction:
     extras: Mapping[str, np.ndarray] = field(default_factory=dict)  # this image's row of each optional output
 
 
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One model as the batcher sees it: its call and the image shape it takes.
+
+    Each queued image carries the target it was sized for (a model swap binds a request to one model
+    from its decode on), so an answer never mixes two models; compared by identity.
+    """
+
+    run: Callable[[np.ndarray], ModelOutput]
+    input_shape: tuple[int, int, int]
+
+
 @dataclass
 class Pending:
     image: np.ndarray
     deadline: float  # time.monotonic() after which the answer is useless
     future: Future[Prediction] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    target: Target | None = None  # the model that runs it (None: the batcher's target at submit)
 
 
 def collect_batch(
@@ -91,6 +104,14 @@ def collect_batch(
     return batch
 
 
+def by_target(batch: list[Pending]) -> list[list[Pending]]:
+    """Split a batch into one run per model, in queue order: two only for the batch that spans a swap."""
+    groups: dict[Target | None, list[Pending]] = {}
+    for item in batch:
+        groups.setdefault(item.target, []).append(item)
+    return list(groups.values())
+
+
 def batch_sizes(max_batch: int, pad: bool) -> list[int]:
     """Every batch shape the batcher can run: all sizes, or powers of two (+ max) when padding."""
     if not pad:
@@ -124,8 +145,8 @@ class Batcher:
         queue_size: int,
         pad: bool = False,
     ) -> None:
-        self._run = run
-        self.input_shape = input_shape
+        self.target = Target(run, input_shape)  # replaced by a model swap (service.swap); one assignment
+        self._running: Target | None = None  # the target of the run in progress (worker thread only)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.sizes = batch_sizes(max_batch, pad)
@@ -140,10 +161,15 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def warm_up(self) -> list[int]:
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.target.input_shape
+
+    def warm_up(self, target: Target | None = None) -> list[int]:
         """Run every batch shape once (first runs allocate and tune); returns the sizes run."""
+        target = target or self.target
         for n in self.sizes:
-            self._run(np.zeros((n, *self.input_shape), dtype=np.uint8))
+            target.run(np.zeros((n, *target.input_shape), dtype=np.uint8))
         return self.sizes
 
     def expect(self, delta: int) -> None:
@@ -154,16 +180,18 @@ class Batcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, image: np.ndarray, deadline: float) -> Future[Prediction]:
-        """Queue one image; the future resolves to its :class:`Prediction` or a ServiceError.
+    def submit(self, image: np.ndarray, deadline: float, target: Target | None = None) -> Future[Prediction]:
+        """Queue one image for ``target`` (default: the current one); the future resolves to its
+        :class:`Prediction` or a ServiceError.
 
         Raises:
-            ValueError: the array is not ``uint8`` of ``input_shape`` (fails this request only).
+            ValueError: the array is not ``uint8`` of the target's input shape (fails this request only).
             Overloaded: the queue is full.
         """
-        if image.dtype != np.uint8 or image.shape != self.input_shape:
-            raise ValueError(f"expected uint8 {self.input_shape}, got {image.dtype} {image.shape}")
-        item = Pending(image, deadline)
+        target = target or self.target
+        if image.dtype != np.uint8 or image.shape != target.input_shape:
+            raise ValueError(f"expected uint8 {target.input_shape}, got {image.dtype} {image.shape}")
+        item = Pending(image, deadline, target=target)
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -184,8 +212,15 @@ class Batcher:
         while not (self._stop.is_set() and self._queue.empty()):
             batch = collect_batch(self._queue, self.max_batch, self.max_wait_s, 0.05, self._more_coming)
             metrics.QUEUE_DEPTH.set(self._queue.qsize())
-            if batch:
-                self._process(batch)
+            self._process_groups(batch)
+
+    def _process_groups(self, batch: list[Pending]) -> None:
+        # A method, not inline in the loop: no variable outlives the batch, so an idle worker keeps no
+        # swapped-out model alive.
+        for group in by_target(batch):
+            self._running = group[0].target
+            self._process(group)
+        self._running = None
 
     def _process(self, batch: list[Pending]) -> None:
         now = time.monotonic()
@@ -227,13 +262,14 @@ class Batcher:
         item.future.set_result(Prediction(probs, started - item.enqueued, took, 1, extras))
 
     def _timed_run(self, images: list[np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        target = self._running or self.target
         n = len(images)
         size = next(s for s in self.sizes if s >= n) if self.pad else n
-        batch = np.zeros((size, *self.input_shape), dtype=np.uint8)
+        batch = np.zeros((size, *target.input_shape), dtype=np.uint8)
         batch[:n] = np.stack(images)
         start = time.perf_counter()
         try:
-            out = self._run(batch)
+            out = target.run(batch)
         except Exception:
             metrics.INFERENCE_ERRORS_TOTAL.inc()
             raise

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         "", description="Comma list of key ids that may read /metrics only (scrapers): elsewhere 403."
     )
     shutdown_grace_s: float = Field(20.0, ge=0.0, le=3600.0)
+    # Model swap while serving (service/swap/): SIGHUP, POST /v1/admin/models/reload, or the file watcher.
+    admin_key_ids: str = Field(
+        "", description="Comma list of key ids allowed to call /v1/admin/*; empty = admin API off."
+    )
+    models_dir: Path | None = Field(None, description="Folder a reload's path must be in; unset: MODEL_PATH's folder.")
+    model_watch: bool = Field(False, description="Reload when MODEL_PATH is replaced by an atomic rename.")
+    model_watch_interval_s: float = Field(2.0, ge=0.1, le=3600.0, description="How often the watcher stats the file.")
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     pad_batches: Literal["auto", "on", "off"] = "auto"
@@ -106,6 +113,13 @@ class Settings(BaseSettings):
             raise ValueError(f"model file {v} does not exist")
         return v
 
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"models folder {v} does not exist")
+        return v
+
     @field_validator("providers")
     @classmethod
     def _providers_listed(cls, v: str) -> str:
@@ -126,6 +140,11 @@ class Settings(BaseSettings):
         unknown = sorted(set(self.metrics_only_ids) - set(keys))
         if unknown:
             raise ValueError(f"metrics_only_key_ids names keys that do not exist: {', '.join(unknown)}")
+        unknown = sorted(self.admin_ids - set(keys))
+        if unknown:  # an admin id without its key would leave the admin API open to no one, silently
+            raise ValueError(f"admin_key_ids names keys that do not exist: {', '.join(unknown)}")
+        if self.admin_ids & self.metrics_only_ids:
+            raise ValueError("a key id cannot be both in admin_key_ids and in metrics_only_key_ids")
         if self.metrics_auth and not keys:  # it would serve /metrics to anyone while saying it does not
             raise ValueError(
                 "LESIONSERVE_METRICS_AUTH=true needs API keys (LESIONSERVE_API_KEYS or LESIONSERVE_API_KEYS_FILE)"
@@ -139,6 +158,15 @@ class Settings(BaseSettings):
     @property
     def metrics_only_ids(self) -> set[str]:
         return set(_split(self.metrics_only_key_ids))
+
+    @property
+    def admin_ids(self) -> set[str]:
+        return set(_split(self.admin_key_ids))
+
+    @property
+    def allowed_models_dir(self) -> Path:
+        """The folder a reload may take a model from (resolved: symlinks cannot lead out of it)."""
+        return (self.models_dir or self.model_path.parent).resolve()
 
     @property
     def provider_list(self) -> list[str]:

@@ -104,6 +104,32 @@ class InferenceFailed(ServiceError):
     status, slug, title = 500, "inference-failed", "Inference failed"
 
 
+class ModelRejected(ServiceError):
+    """A model reload refused the new file; the old model keeps serving. ``check`` names the step that failed."""
+
+    status, slug, title = 422, "model-rejected", "The new model was refused; the old one keeps serving"
+
+    def __init__(self, check: str, detail: str) -> None:
+        super().__init__(detail)
+        self.check = check
+
+    def problem(self, instance: str | None = None, request_id: str | None = None) -> dict[str, object]:
+        return {**super().problem(instance, request_id), "check": self.check}  # an RFC 9457 extension member
+
+
+class ModelPathRefused(ModelRejected):
+    """The reload's path is not a ``.onnx`` file inside the allowed models folder."""
+
+    status, slug, title = 400, "model-path-refused", "Model path refused"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("path", detail)
+
+
+class ReloadInProgress(ServiceError):
+    status, slug, title = 409, "reload-in-progress", "Another model reload is in progress"
+
+
 # --- the one mapping to HTTP ------------------------------------------------------------------
 # Imported late so that the error classes above stay usable without a web framework.
 from fastapi import FastAPI, Request  # noqa: E402

@@ -93,6 +93,31 @@ OOD_FLAGGED_TOTAL = Counter(
 )
 READY = Gauge("lesionserve_ready", "1 when the model is loaded and warmed up, else 0")
 MODEL_INFO = Info("lesionserve_model", "Loaded model: name, version, sha256 and the execution provider in use")
+# The model's identity lives in this one info series, not as labels on every series: a swap would otherwise
+# start a new set of every histogram bucket per model and break the alert rules' sums. Dashboards join it:
+# `... * on (instance) group_left (version, sha256) lesionserve_model_info` (deploy/grafana).
+MODEL_LOADED_TIMESTAMP_SECONDS = Gauge(
+    "lesionserve_model_loaded_timestamp_seconds", "Unix time the serving model started taking traffic (start or swap)"
+)
+
+
+class ReloadResult(StrEnum):
+    """``result`` of a model reload (service.swap): done, nothing to do, or the check that refused the file."""
+
+    SUCCESS = "success"
+    UNCHANGED = "unchanged"  # the same sha256 as the serving model
+    PATH = "path"
+    LOAD = "load"
+    CONTRACT = "contract"
+    WARM_UP = "warm_up"
+    CANARY = "canary"
+
+
+MODEL_RELOADS_TOTAL = Counter(
+    "lesionserve_model_reloads_total", "Model reloads, by result (success, unchanged, or the failed check)", ["result"]
+)
+for _result in ReloadResult:
+    MODEL_RELOADS_TOTAL.labels(result=_result.value)
 
 for _reason in RejectReason:
     REJECTIONS_TOTAL.labels(reason=_reason.value)  # export zeros up front so rate() works from the start

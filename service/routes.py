@@ -110,7 +110,8 @@ async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> R
         if decoded.dicom is not None:
             request.state.identifiers = decoded.dicom.identifiers
         prediction = await rt.predict(decoded, deadline)
-        ood = ood_check(rt.meta, prediction.extras)
+        request.state.served = rt.bound(prediction)  # the audit line names the model that answered
+        ood = ood_check(rt.bound(prediction).meta, prediction.extras)
         enforce(ood, rt.settings.ood_policy)  # LESIONSERVE_OOD_POLICY=reject: 422
         explanation = await rt.explain(decoded, prediction, deadline) if explain else None
     answer = build_answer(
@@ -131,15 +132,16 @@ def build_answer(
     ood: OodCheck,
     explanation: Explanation | None = None,
 ) -> ClassifyResponse:
-    """The typed answer every renderer (JSON, FHIR) starts from."""
-    ranked = rank(rt.meta, prediction.probabilities)
+    """The typed answer every renderer (JSON, FHIR) starts from; it quotes the model that made ``prediction``."""
+    served = rt.bound(prediction)  # not rt.meta: a model swap may have happened since this request's decode
+    ranked = rank(served.meta, prediction.probabilities)
     top = ranked[0].model_copy(update={"warning": OOD_WARNING}) if ood.out_of_distribution else ranked[0]
     return ClassifyResponse(
         request_id=request_id,
-        model=ModelRef(name=rt.meta.name, version=rt.meta.version, sha256=rt.model.sha256),
+        model=ModelRef(**served.ref()),
         predictions=ranked,
         top=top,
-        malignancy=malignancy(rt.meta, prediction.probabilities, rt.threshold),
+        malignancy=malignancy(served.meta, prediction.probabilities, served.threshold),
         image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
         timing_ms=Timing(
             decode=round(decoded.decode_s * 1000, 3),
@@ -157,11 +159,12 @@ def build_answer(
 @router.get("/v1/models", response_model=ModelsResponse, dependencies=[Depends(require_key)])
 async def models(rt: RuntimeDep) -> ModelsResponse:
     """What is loaded: classes, input size, TTA, validation metrics and the provider in use."""
-    m = rt.meta
+    served = rt.served  # one read: a swap between two reads would mix two models
+    m = served.meta
     info = ModelInfo(
-        name=m.name, version=m.version, sha256=rt.model.sha256, provider=rt.model.provider, classes=m.classes,
+        name=m.name, version=m.version, sha256=served.model.sha256, provider=served.model.provider, classes=m.classes,
         class_names={c: m.display_name(c) for c in m.classes}, malignant_classes=m.malignant_classes,
-        malignancy_threshold=rt.threshold, input_size=m.input_size, tta=m.tta, architecture=m.architecture,
+        malignancy_threshold=served.threshold, input_size=m.input_size, tta=m.tta, architecture=m.architecture,
         ensemble_size=m.ensemble_size, temperature=m.temperature, metrics=m.metrics, training_data=m.training_data,
         exported_at=m.exported_at, batch_sizes=rt.batcher.sizes, max_batch_size=rt.batcher.max_batch,
         max_wait_ms=rt.settings.max_wait_ms,

@@ -2,6 +2,11 @@
 
 Routes get it through a dependency and call three things: :meth:`Runtime.work` (admission and
 in-flight accounting), :meth:`Runtime.decode` and :meth:`Runtime.predict`.
+
+The model can be swapped while serving (:mod:`service.swap`): :attr:`Runtime.served` is replaced
+by one assignment. A request is bound to the model serving when its decode starts, and keeps it
+to the end: its input size, its batch run, its class list and the sha256 in its answer all come
+from one model, whatever swap happens meanwhile.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -19,8 +26,9 @@ import cv2
 from service import metrics
 from service.audit import AuditLog
 from service.auth import ApiKeys
-from service.batcher import Batcher, Prediction
+from service.batcher import Batcher, Prediction, Target
 from service.config import Settings
+from service.contract import ModelMetadata
 from service.decodepool import DecodePool
 from service.errors import DeadlineExceeded, ModelNotReady, ShuttingDown
 from service.explain import explanation
@@ -32,6 +40,52 @@ from service.schemas import Explanation
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
+class Served:
+    """One model as it serves: the model, the batcher's target for it and what answers quote.
+
+    Args:
+        model: the loaded model.
+        threshold: the malignancy operating point in use (the settings' override or the model's).
+        path: the file it came from (None for a model passed in by a test).
+    """
+
+    model: InferenceModel
+    threshold: float
+    path: Path | None = None
+    target: Target = field(init=False)
+    loaded_at: float = field(default_factory=time.time)  # Unix time it started taking traffic
+    canary_top: list[str] | None = None  # top class of each canary image (service.swap), once computed
+
+    def __post_init__(self) -> None:
+        model = self.model
+        size = model.metadata.input_size
+        run = model.run_outputs if isinstance(model, MultiOutputModel) else model.run
+        self.target = Target(run, (size, size, 3))
+
+    @property
+    def meta(self) -> ModelMetadata:
+        return self.model.metadata
+
+    def ref(self) -> dict[str, str]:
+        """The model's identity as answers, audit lines and metrics quote it."""
+        return {"name": self.meta.name, "version": self.meta.version, "sha256": self.model.sha256}
+
+
+@dataclass(frozen=True)
+class BoundImage(DecodedImage):
+    """A decoded image and the model it was sized for (:meth:`Runtime.decode`)."""
+
+    served: Served | None = None
+
+
+@dataclass(frozen=True)
+class BoundPrediction(Prediction):
+    """A prediction and the model that made it (:meth:`Runtime.predict`)."""
+
+    served: Served | None = None
+
+
 class Runtime:
     """The serving state of one process.
 
@@ -40,26 +94,14 @@ class Runtime:
         model: the loaded model (an :class:`~service.inference.OnnxModel`, or a fake in tests).
     """
 
-    def __init__(self, settings: Settings, model: InferenceModel) -> None:
+    def __init__(self, settings: Settings, model: InferenceModel, path: Path | None = None) -> None:
         self.settings = settings
-        self.model = model
-        self.meta = model.metadata
-        self.size = model.metadata.input_size
-        self.threshold = (
-            settings.malignancy_threshold
-            if settings.malignancy_threshold is not None
-            else model.metadata.malignancy_threshold
-        )
-        if settings.ood_policy == "reject" and model.metadata.ood is None:
-            raise ModelLoadError(
-                "LESIONSERVE_OOD_POLICY=reject needs a model with an ood_score output"
-                " (export it with --ood-data and --ood-split), or set LESIONSERVE_OOD_POLICY=flag"
-            )
+        self.served = self.serve(model, path)
         self.keys = ApiKeys(settings.key_table(), settings.metrics_only_ids)
         self.metrics_auth = settings.metrics_key_required(self.keys.enabled)
         self.batcher = Batcher(
-            model.run_outputs if isinstance(model, MultiOutputModel) else model.run,
-            (self.size, self.size, 3),
+            self.served.target.run,
+            self.served.target.input_shape,
             max_batch=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             queue_size=settings.queue_size,
@@ -72,9 +114,57 @@ class Runtime:
         self.warm_up_error: str | None = None
         key = settings.audit_uid_key.get_secret_value().encode() if settings.audit_uid_key else None
         self.audit = None if settings.audit_log == "off" else AuditLog(settings.audit_log, uid_key=key)
-        metrics.MODEL_INFO.info(
-            {"name": self.meta.name, "version": self.meta.version, "sha256": model.sha256, "provider": model.provider}
-        )
+        self.switch(self.served)
+
+    def serve(self, model: InferenceModel, path: Path | None = None) -> Served:
+        """``model`` wrapped for serving under these settings (not yet serving: see :meth:`switch`).
+
+        Raises:
+            ModelLoadError: the settings need something the model lacks.
+        """
+        if self.settings.ood_policy == "reject" and model.metadata.ood is None:
+            raise ModelLoadError(
+                "LESIONSERVE_OOD_POLICY=reject needs a model with an ood_score output"
+                " (export it with --ood-data and --ood-split), or set LESIONSERVE_OOD_POLICY=flag"
+            )
+        override = self.settings.malignancy_threshold
+        return Served(model, model.metadata.malignancy_threshold if override is None else override, path)
+
+    def switch(self, served: Served) -> Served:
+        """Make ``served`` the model of every request whose decode starts from now on; returns the previous one.
+
+        Requests already bound to the previous model finish on it (the batch that spans the switch
+        runs as two model calls); it is freed when the last of them has been answered.
+        """
+        previous = getattr(self, "served", served)
+        served.loaded_at = time.time()
+        self.served = served  # the switch: one assignment, read once per request by decode()
+        self.batcher.target = served.target
+        metrics.MODEL_INFO.info({**served.ref(), "provider": served.model.provider})
+        metrics.MODEL_LOADED_TIMESTAMP_SECONDS.set(served.loaded_at)
+        return previous
+
+    # What the routes quote for the current model; an answer quotes its own (bound) model instead.
+    @property
+    def model(self) -> InferenceModel:
+        return self.served.model
+
+    @property
+    def meta(self) -> ModelMetadata:
+        return self.served.meta
+
+    @property
+    def threshold(self) -> float:
+        return self.served.threshold
+
+    @property
+    def size(self) -> int:
+        return self.served.meta.input_size
+
+    def bound(self, item: DecodedImage | Prediction) -> Served:
+        """The model a request's image or prediction is bound to (the current one if unbound)."""
+        served = getattr(item, "served", None)
+        return served if isinstance(served, Served) else self.served
 
     def start(self) -> threading.Thread:
         """Warm up in the background (``/readyz`` stays 503 meanwhile), then start the batcher."""
@@ -127,7 +217,8 @@ class Runtime:
         if self.audit is None:
             return
         content_type = next((v.decode("latin-1") for k, v in headers if k == b"content-type"), None)
-        model = {"name": self.meta.name, "version": self.meta.version, "sha256": self.model.sha256}
+        served = state.get("served")  # set by the route: the model that answered, even if swapped since
+        model = (served if isinstance(served, Served) else self.served).ref()
         self.audit.record(
             request_id=state.get("request_id", ""), key_id=state.get("key_id"), model=model if status < 400 else None,
             body=state.get("upload"), content_type=content_type, status=status,
@@ -173,33 +264,38 @@ class Runtime:
         retracting it before the queue holds it would let the batcher see "nothing coming,
         queue empty" in between and run a batch without it. Call :meth:`predict` next.
         """
+        served = self.served  # the request's model from here on (a swap may replace self.served meanwhile)
         self.batcher.expect(+1)
         try:
             # The request's deadline covers decoding too; the pool's queue is bounded (503 when full).
             until = time.monotonic() + self.settings.request_timeout_s if deadline is None else deadline
-            decoded = await self._pool.run(decoder, data, self.size, self.settings.max_pixels, deadline=until)
+            size = served.meta.input_size
+            decoded = await self._pool.run(decoder, data, size, self.settings.max_pixels, deadline=until)
         except BaseException:
             self.batcher.expect(-1)
             raise
         metrics.DECODE_DURATION_SECONDS.observe(decoded.decode_s)
-        return decoded
+        return BoundImage(**{f.name: getattr(decoded, f.name) for f in fields(DecodedImage)}, served=served)
 
     async def explain(self, decoded: DecodedImage, prediction: Prediction, deadline: float) -> Explanation:
         """The heatmap of the top class over the model's input, drawn in the decode pool by ``deadline``."""
+        meta = self.bound(prediction).meta
         return await self._pool.run(
-            explanation, self.meta, decoded.pixels, prediction.probabilities, prediction.extras, deadline=deadline
+            explanation, meta, decoded.pixels, prediction.probabilities, prediction.extras, deadline=deadline
         )
 
     async def predict(self, decoded: DecodedImage, deadline: float) -> Prediction:
         """Queue a :meth:`decode` result for batched inference and wait, at most until ``deadline``."""
+        served = self.bound(decoded)
         try:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("the request deadline passed before inference")
-            future = self.batcher.submit(decoded.pixels, deadline)
+            future = self.batcher.submit(decoded.pixels, deadline, served.target)
         finally:
             self.batcher.expect(-1)  # after the put (see decode)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
+            prediction = await asyncio.wait_for(asyncio.wrap_future(future), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {self.settings.request_timeout_s:g} s") from None
+        return BoundPrediction(**{f.name: getattr(prediction, f.name) for f in fields(Prediction)}, served=served)
