@@ -22,6 +22,8 @@ from service.runtime import Runtime
 from service.swap.admin import router as admin_router
 from service.swap.reloader import Reloader
 from service.swap.watch import ModelWatcher
+from service.ui.card import router as card_router
+from service.ui.static import install_ui
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
     app.state.reloader = reloader  # SIGHUP (service.__main__) and the admin route reach it here
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(card_router)
+    if settings.ui:
+        install_ui(app)
     install_error_handlers(app)
     install_docs(app, "lesionserve")
 

@@ -91,6 +91,7 @@ class Settings(BaseSettings):
         "flag",
         description="Out-of-distribution image: flag the answer, or reject it with 422 (needs a model with ood_score).",
     )
+    ui: bool = Field(True, description="Serve the page at / (false: / is 404; the API is unchanged).")
     audit_log: str = Field("-", description="Audit trail: '-' stderr, a file path to append to, or 'off'.")
     audit_uid_key: SecretStr | None = Field(None, description="HMAC key for DICOM UIDs in the audit trail.")
 

@@ -79,25 +79,38 @@ def render_heatmap(pixels: np.ndarray, cam: np.ndarray, alpha: float = HEATMAP_A
     up = np.clip(cv2.resize(m, side, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     colour = cv2.applyColorMap(np.round(up * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
     blend = cv2.addWeighted(cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), 1.0 - alpha, colour, alpha, 0.0)
-    ok, png = cv2.imencode(".png", blend)
+    return _png(blend)
+
+
+def _png(bgr: np.ndarray) -> bytes:
+    ok, png = cv2.imencode(".png", bgr)
     if not ok:
-        raise RuntimeError("OpenCV could not encode the heatmap")
+        raise RuntimeError("OpenCV could not encode the image")
     return png.tobytes()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def explanation(
     meta: ModelMetadata, pixels: np.ndarray, probabilities: np.ndarray, extras: Mapping[str, np.ndarray]
 ) -> Explanation:
-    """The answer's ``explanation``: the top class's map over the input (runs in the decode pool)."""
-    cam = extras.get(CAM_OUTPUT)
-    if meta.cam is None or cam is None:
-        return Explanation(available=False, detail=NO_CAM)
-    top = int(np.argmax(probabilities))
-    png = render_heatmap(pixels, np.asarray(cam)[top])
-    return Explanation(
-        available=True,
-        class_code=meta.classes[top],
+    """The answer's ``explanation``: the top class's map over the input (runs in the decode pool).
+
+    The input itself comes too, with or without a map: it is what the model saw (EXIF orientation,
+    DICOM photometric handling, crop and ``INTER_AREA`` resize applied here), which a client could only
+    approximate, and a browser cannot decode DICOM at all. At 128 x 128 it is a few kB of PNG.
+    """
+    seen = Explanation(
+        available=False,
         width=int(pixels.shape[1]),
         height=int(pixels.shape[0]),
-        png_base64=base64.b64encode(png).decode("ascii"),
+        input_png_base64=_b64(_png(cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))),
     )
+    cam = extras.get(CAM_OUTPUT)
+    if meta.cam is None or cam is None:
+        return seen.model_copy(update={"detail": NO_CAM})
+    top = int(np.argmax(probabilities))
+    png = render_heatmap(pixels, np.asarray(cam)[top])
+    return seen.model_copy(update={"available": True, "class_code": meta.classes[top], "png_base64": _b64(png)})

@@ -37,7 +37,10 @@ class OodCheck(BaseModel):
 
 
 class Explanation(BaseModel):
-    """A class activation heatmap over the centre-cropped model input (``?explain=true``)."""
+    """A class activation heatmap over the centre-cropped model input (``?explain=true``).
+
+    ``available`` is about the heatmap; the input image and its size are there either way.
+    """
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
@@ -46,6 +49,9 @@ class Explanation(BaseModel):
     width: int | None = None
     height: int | None = None
     png_base64: str | None = Field(None, description="PNG: the heatmap blended over the model's input image")
+    input_png_base64: str | None = Field(
+        None, description="PNG: the model's input itself (centre crop, resized), the image the heatmap is drawn over"
+    )
     detail: str | None = None
 
 

@@ -113,7 +113,9 @@ def test_a_file_without_the_outputs_still_serves_and_says_so(client_factory: Cli
     assert r.status_code == 200
     answer = r.json()
     assert answer["ood"] == {"available": False, "detail": NO_OOD}
-    assert answer["explanation"] == {"available": False, "detail": NO_CAM}
+    e = answer["explanation"]
+    assert (e["available"], e["detail"], e["width"], e["height"]) == (False, NO_CAM, SIZE, SIZE)
+    assert "png_base64" not in e and e["input_png_base64"]  # no heatmap, but the image the model saw
     assert "warning" not in answer["top"]
     info = client.get("/v1/models").json()["models"][0]
     assert "ood" not in info or info["ood"] is None
