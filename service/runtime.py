@@ -175,12 +175,17 @@ class Runtime:
         return thread
 
     def _warm_up(self) -> None:
+        from service.swap.checks import canary  # the checks every later model passes too (service.swap)
+
         start = time.perf_counter()
         try:
             sizes = self.batcher.warm_up()
+            served = self.served
+            served.canary_top = canary(served.target, served.meta.classes, self.settings.max_pixels)
         except Exception as exc:
             self.warm_up_error = f"{type(exc).__name__}"
-            log.exception("warm-up failed; the service stays not ready")
+            # A failed canary check says which image and why (no patient data: bundled images, numbers).
+            log.exception("warm-up failed; the service stays not ready", extra={"detail": getattr(exc, "detail", None)})
             return
         self.batcher.start()
         self.ready.set()

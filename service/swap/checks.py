@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,7 +19,9 @@ from service.errors import ModelRejected
 from service.imaging import decode_image
 from service.inference import InferenceModel
 from service.metrics import ReloadResult
-from service.runtime import Served
+
+if TYPE_CHECKING:  # service.runtime runs the canary at start: no import cycle at run time
+    from service.runtime import Served
 
 CANARY_DIR = Path(__file__).with_name("canary")
 # float32 softmax rows sum to 1 within ~1e-6; 1e-3 tolerates a sum of per-view means, never a missing softmax.

@@ -138,14 +138,8 @@ class Reloader:
         except ModelLoadError as exc:  # the settings need something the file lacks (e.g. OOD_POLICY=reject)
             raise ModelRejected(ReloadResult.CONTRACT, str(exc)) from None
         checks.warm_up(new.target, runtime.batcher.sizes, len(new.meta.classes))
-        max_pixels = runtime.settings.max_pixels
-        new.canary_top = checks.canary(new.target, new.meta.classes, max_pixels)
-        if serving.canary_top is None:  # first reload: the serving model's answers to compare against
-            try:
-                serving.canary_top = checks.canary(serving.target, serving.meta.classes, max_pixels)
-            except ModelRejected as exc:
-                log.warning("the serving model fails the canary", extra={"detail": exc.detail})
-        changed = (
+        new.canary_top = checks.canary(new.target, new.meta.classes, runtime.settings.max_pixels)
+        changed = (  # the serving model's canary ran when it started serving (never re-run beside live traffic)
             sum(a != b for a, b in zip(serving.canary_top, new.canary_top, strict=True))
             if serving.canary_top is not None
             else None
