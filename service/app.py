@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,8 @@ from starlette.types import Scope
 from service.apidocs import install_docs
 from service.config import Settings
 from service.errors import install_error_handlers
+from service.hospital.dicomweb import router as dicomweb_router
+from service.hospital.dimse import start_dicom_node
 from service.inference import InferenceModel, OnnxModel
 from service.logs import guard_third_party_output
 from service.middleware import RequestContextMiddleware
@@ -71,7 +74,12 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         runtime.start()
         if watcher is not None:
             watcher.start()
+        # The DICOM node lives in this process: one batcher and one session whatever the entry (DESIGN.md).
+        node = start_dicom_node(settings, runtime, asyncio.get_running_loop()) if settings.dimse_enabled else None
+        app.state.dicom_node = node
         yield
+        if node is not None:
+            node.stop()  # after the drain, before the batcher stops
         if watcher is not None:
             watcher.stop()
         runtime.close()
@@ -87,6 +95,8 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
     app.state.runtime = runtime
     app.state.reloader = reloader  # SIGHUP (service.__main__) and the admin route reach it here
     app.include_router(router)
+    if settings.dicomweb_enabled:
+        app.include_router(dicomweb_router)
     app.include_router(admin_router)
     app.include_router(card_router)
     if settings.ui:

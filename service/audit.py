@@ -92,6 +92,7 @@ class AuditLog:
         problem_type: str | None,
         latency_ms: float,
         identifiers: Mapping[str, str] | None = None,
+        channel: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Write one audit line and return what was written.
 
@@ -106,6 +107,9 @@ class AuditLog:
             latency_ms: wall time of the request.
             identifiers: DICOM identifiers from :func:`service.hospital.dicom.read_dicom`; UIDs are hashed,
                 the Accession Number is left out.
+            channel: how a PACS entry received the object (``entry``: ``dimse``, ``stow-rs``, ``wado-rs``;
+                ``calling_ae``, ``dimse_status``, ``sr``: the outcome of returning the SR); short
+                printable values only, no identifiers.
         """
         entry: dict[str, Any] = {
             "audit": AUDIT_SCHEMA,
@@ -121,6 +125,8 @@ class AuditLog:
             "outcome": {"status": int(status), "problem": _clean(problem_type, 200) if problem_type else None},
             "latency_ms": round(float(latency_ms), 2),
         }
+        if channel:
+            entry["channel"] = {_clean(k, 32): _clean(v, 64) for k, v in channel.items()}
         dicom = self._dicom(identifiers or {})
         if dicom:
             entry["dicom"] = dicom

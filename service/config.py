@@ -47,6 +47,23 @@ def parse_api_keys(text: str, source: str) -> dict[str, str]:
     return keys
 
 
+def check_ae_title(value: str) -> str:
+    """A DICOM AE title: 1-16 printable ASCII characters, no backslash, not only spaces (PS3.5 VR AE)."""
+    v = value.strip()
+    if not v or len(v) > 16 or "\\" in v or not all(32 <= ord(c) < 127 for c in v):
+        raise ValueError(f"AE title {value!r} is not 1-16 printable ASCII characters without a backslash")
+    return v
+
+
+def parse_destination(value: str) -> tuple[str, str, int]:
+    """``AE_TITLE@host:port`` -> (AE title, host, port)."""
+    aet, at, address = value.strip().partition("@")
+    host, colon, port = address.rpartition(":")
+    if not at or not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"DICOM destination {value!r} is not of the form AE_TITLE@host:port")
+    return check_ae_title(aet), host.strip("[]"), int(port)
+
+
 class Settings(BaseSettings):
     """Service settings; each field is the env variable ``LESIONSERVE_<NAME>``."""
 
@@ -94,6 +111,19 @@ class Settings(BaseSettings):
     ui: bool = Field(True, description="Serve the page at / (false: / is 404; the API is unchanged).")
     audit_log: str = Field("-", description="Audit trail: '-' stderr, a file path to append to, or 'off'.")
     audit_uid_key: SecretStr | None = Field(None, description="HMAC key for DICOM UIDs in the audit trail.")
+    # PACS entries (docs/integration.md, "PACS round trip"); all off by default.
+    dimse_enabled: bool = Field(False, description="Run the DICOM Storage SCP (C-STORE in, SR back) in this process.")
+    dimse_ae_title: str = Field("LESIONSERVE", description="The SCP's own AE title (called AE title).")
+    dimse_host: str = Field("0.0.0.0", description="Address the Storage SCP listens on.")
+    dimse_port: int = Field(11112, ge=1, le=65535, description="DICOM port of the Storage SCP.")
+    dimse_allowed_aets: str = Field("", description="Comma list of calling AE titles allowed to associate.")
+    dimse_destination: str = Field("", description="Where SRs go by C-STORE: AE_TITLE@host:port.")
+    dimse_max_associations: int = Field(8, ge=1, le=256, description="Associations open at once; more are rejected.")
+    dimse_timeout_s: float = Field(30.0, gt=0.0, le=600.0, description="Network/ACSE/DIMSE timeouts, both directions.")
+    dicomweb_enabled: bool = Field(False, description="Serve POST /dicomweb/studies and /v1/classify/dicomweb.")
+    dicomweb_origin: str = Field("", description="DICOMweb base URL of the PACS (WADO-RS source, STOW-RS target).")
+    dicomweb_origin_auth: SecretStr | None = Field(None, description="user:password for the origin (HTTP Basic).")
+    dicomweb_push_sr: bool = Field(False, description="STOW-RS input: store each SR at the origin.")
 
     @field_validator("metrics_auth", mode="before")
     @classmethod
@@ -134,6 +164,31 @@ class Settings(BaseSettings):
         if v.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         return v.upper()
+
+    @field_validator("dimse_ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        return check_ae_title(v)
+
+    @model_validator(mode="after")
+    def _pacs(self) -> Settings:
+        aets = self.dimse_allowed_ae_list  # each checked
+        if self.dimse_enabled and not aets:  # a Storage SCP open to any AE title is never what a hospital wants
+            raise ValueError("LESIONSERVE_DIMSE_ENABLED=true needs LESIONSERVE_DIMSE_ALLOWED_AETS (calling AE titles)")
+        if self.dimse_enabled and not self.dimse_destination.strip():
+            raise ValueError("LESIONSERVE_DIMSE_ENABLED=true needs LESIONSERVE_DIMSE_DESTINATION (AE_TITLE@host:port)")
+        if self.dimse_destination.strip():
+            parse_destination(self.dimse_destination)
+        origin = self.dicomweb_origin.strip()
+        if origin and not origin.startswith(("http://", "https://")):
+            raise ValueError("LESIONSERVE_DICOMWEB_ORIGIN must be an http(s) URL, e.g. http://pacs:8042/dicom-web")
+        if self.dicomweb_push_sr and not origin:
+            raise ValueError("LESIONSERVE_DICOMWEB_PUSH_SR=true needs LESIONSERVE_DICOMWEB_ORIGIN")
+        return self
+
+    @property
+    def dimse_allowed_ae_list(self) -> list[str]:
+        return [check_ae_title(a) for a in _split(self.dimse_allowed_aets)]
 
     @model_validator(mode="after")
     def _keys_parse(self) -> Settings:

@@ -78,6 +78,30 @@ class OutOfDistribution(ServiceError):
     status, slug, title, reason = 422, "out-of-distribution", "Image unlike the training data", "out_of_distribution"
 
 
+class InstanceNotFound(ServiceError):
+    """The DICOMweb origin has no such Study/Series/SOP Instance (WADO-RS 404)."""
+
+    status, slug, title = 404, "instance-not-found", "DICOM instance not found at the origin"
+
+
+class OriginFailed(ServiceError):
+    """The configured DICOMweb origin could not be reached or answered an error (WADO-RS / STOW-RS)."""
+
+    status, slug, title = 502, "dicomweb-origin-failed", "The DICOMweb origin failed"
+
+
+class ResultNotDelivered(ServiceError):
+    """The SR was made but the PACS destination (C-STORE) or origin (STOW-RS) did not store it."""
+
+    status, slug, title = 502, "result-not-delivered", "The result could not be delivered to the PACS"
+
+
+class NotConfigured(ServiceError):
+    """A route whose counterpart is not configured (e.g. WADO-RS without LESIONSERVE_DICOMWEB_ORIGIN)."""
+
+    status, slug, title = 501, "not-configured", "Not configured on this server"
+
+
 class InternalError(ServiceError):
     status, slug, title = 500, "internal", "Internal server error"
 

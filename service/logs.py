@@ -121,7 +121,7 @@ def _show_warning(
 
 
 def guard_third_party_output() -> None:
-    """Route pydicom's logger and every Python warning through value-free summaries (idempotent).
+    """Route the DICOM libraries' loggers and every Python warning through value-free summaries (idempotent).
 
     Called by :func:`configure_logging` and by :func:`service.app.create_app`, so an app built in a
     test is guarded like the served one.
@@ -130,10 +130,13 @@ def guard_third_party_output() -> None:
 
     # Value checks on read only produce warnings that quote the value; the service validates what it uses.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    pydicom_logger = logging.getLogger("pydicom")
-    if not any(isinstance(h, _Withheld) for h in pydicom_logger.handlers):
-        pydicom_logger.handlers[:] = [_Withheld()]
-        pydicom_logger.propagate = False
+    # pynetdicom (PDU and dataset dumps), highdicom and dicomweb-client (UIDs in INFO lines) likewise: the
+    # PACS entries log what an operator needs themselves (service.hospital.dimse, .dicomweb).
+    for name in ("pydicom", "pynetdicom", "highdicom", "dicomweb_client"):
+        third_party = logging.getLogger(name)
+        if not any(isinstance(h, _Withheld) for h in third_party.handlers):
+            third_party.handlers[:] = [_Withheld()]
+            third_party.propagate = False
     warnings.showwarning = _show_warning
 
 

@@ -19,6 +19,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from service.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from service.hospital.dicom import decode_dicom, is_dicom
 from service.hospital.fhir import diagnostic_report
+from service.hospital.sr import make_sr, sr_bytes
 from service.imaging import DecodedImage, decode_image
 from service.schemas import ClassifyResponse
 
@@ -46,8 +47,19 @@ def render_fhir(answer: ClassifyResponse) -> Response:
     return JSONResponse(report, media_type=FHIR_JSON)
 
 
+def render_dicom_sr(answer: ClassifyResponse, source: bytes | None = None) -> Response:
+    """A DICOM Comprehensive SR in the source object's study (:mod:`service.hospital.sr`).
+
+    It needs the source object (Patient/Study to copy, the instance to reference), which the route
+    passes; called without one, or for a non-DICOM answer, it is a 406.
+    """
+    if source is None or answer.dicom is None:
+        raise NotAcceptable("a DICOM SR (Accept: application/dicom) answers a DICOM input only")
+    return Response(sr_bytes(make_sr(answer, source)), media_type=DICOM)
+
+
 DECODERS: dict[str, Decoder] = {"image/jpeg": decode_image, "image/png": decode_image, DICOM: decode_dicom}
-RENDERERS: dict[str, Renderer] = {"application/json": render_json, FHIR_JSON: render_fhir}
+RENDERERS: dict[str, Renderer] = {"application/json": render_json, FHIR_JSON: render_fhir, DICOM: render_dicom_sr}
 DEFAULT_RENDERER = "application/json"
 
 

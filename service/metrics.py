@@ -121,3 +121,55 @@ for _result in ReloadResult:
 
 for _reason in RejectReason:
     REJECTIONS_TOTAL.labels(reason=_reason.value)  # export zeros up front so rate() works from the start
+
+
+# --- PACS entries (service/hospital/): DIMSE, STOW-RS, WADO-RS ------------------------------------
+class PacsEntry(StrEnum):
+    """How a DICOM instance arrived (``entry`` label)."""
+
+    DIMSE = "dimse"
+    STOW_RS = "stow-rs"
+    WADO_RS = "wado-rs"
+
+
+class InstanceOutcome(StrEnum):
+    """``outcome`` of one received instance: classified, refused (the sender's object), failed (ours)."""
+
+    CLASSIFIED = "classified"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+class AssociationOutcome(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"  # calling or called AE title not allowed, too many associations
+    ABORTED = "aborted"
+
+
+class SrOutcome(StrEnum):
+    STORED = "stored"
+    FAILED = "failed"
+
+
+DIMSE_ASSOCIATIONS_TOTAL = Counter(
+    "lesionserve_dimse_associations_total", "DICOM associations requested of the Storage SCP, by outcome", ["outcome"]
+)
+DIMSE_ACTIVE_ASSOCIATIONS = Gauge("lesionserve_dimse_active_associations", "DICOM associations open now")
+DIMSE_CONTEXTS_REFUSED_TOTAL = Counter(
+    "lesionserve_dimse_contexts_refused_total", "Presentation contexts refused (SOP class or transfer syntax)"
+)
+DICOM_INSTANCES_TOTAL = Counter(
+    "lesionserve_dicom_instances_total", "DICOM instances received by a PACS entry, by outcome", ["entry", "outcome"]
+)
+SR_DELIVERIES_TOTAL = Counter(
+    "lesionserve_sr_deliveries_total",
+    "DICOM SR results sent back to the PACS, by entry and outcome",
+    ["entry", "outcome"],
+)
+for _a in AssociationOutcome:
+    DIMSE_ASSOCIATIONS_TOTAL.labels(outcome=_a.value)
+for _e in PacsEntry:
+    for _o in InstanceOutcome:
+        DICOM_INSTANCES_TOTAL.labels(entry=_e.value, outcome=_o.value)
+    for _s in SrOutcome:
+        SR_DELIVERIES_TOTAL.labels(entry=_e.value, outcome=_s.value)

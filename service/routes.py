@@ -7,14 +7,16 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.batcher import Prediction
-from service.errors import PROBLEM_CONTENT_TYPE
+from service.errors import PROBLEM_CONTENT_TYPE, NotAcceptable
 from service.explain import OOD_WARNING, enforce, ood_check
+from service.hospital.dicom import decode_dicom
 from service.imaging import DecodedImage
-from service.media import pick_decoder, pick_renderer, read_body
+from service.media import pick_decoder, pick_renderer, read_body, render_dicom_sr
 from service.runtime import Runtime
 from service.schemas import (
     ClassifyResponse,
@@ -97,7 +99,8 @@ CLASSIFY_ROUTE = "/v1/classify"
 async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> Response:
     """Classify one dermoscopic image: multipart field ``image`` or a raw JPEG, PNG or DICOM body.
 
-    ``Accept: application/fhir+json`` answers a FHIR R4 DiagnosticReport instead of the JSON below.
+    ``Accept: application/fhir+json`` answers a FHIR R4 DiagnosticReport instead of the JSON below;
+    ``Accept: application/dicom`` a DICOM Comprehensive SR in the source's study (DICOM input only, else 406).
     ``?explain=true`` adds a class activation heatmap of the top class over the model's input.
     """
     start = time.perf_counter()
@@ -106,6 +109,8 @@ async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> R
         body = await read_body(request, rt.settings.max_upload_bytes)
         request.state.upload = body  # the audit line keeps its sha256 and length, never the bytes
         decoder, data = await pick_decoder(request.headers, body)
+        if render is render_dicom_sr and decoder is not decode_dicom:
+            raise NotAcceptable("a DICOM SR (Accept: application/dicom) answers a DICOM input only; send DICOM")
         decoded = await rt.decode(decoder, data, deadline)
         if decoded.dicom is not None:
             request.state.identifiers = decoded.dicom.identifiers
@@ -117,10 +122,17 @@ async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> R
     answer = build_answer(
         rt, request.state.request_id, decoded, prediction, time.perf_counter() - start, ood, explanation
     )
+    count_answer(answer)
+    if render is render_dicom_sr:  # the SR needs the source header: built off the event loop
+        return await run_in_threadpool(render_dicom_sr, answer, data)
+    return render(answer)
+
+
+def count_answer(answer: ClassifyResponse) -> None:
+    """Prediction counters, for every entry (REST, DIMSE, DICOMweb)."""
     metrics.PREDICTIONS_TOTAL.labels(class_code=answer.top.code).inc()
     if answer.malignancy.above_threshold:
         metrics.MALIGNANCY_FLAGGED_TOTAL.inc()
-    return render(answer)
 
 
 def build_answer(
