@@ -158,3 +158,12 @@ def test_bundled_reference_card_renders() -> None:
     html = render(ref.read_text())
     assert html.count("<table>") >= 5 and "<h2>Limitations</h2>" in html
     assert "<!--" not in html and "<pre><code>python -m train" in html
+
+
+def test_card_is_the_loaded_models_not_the_configured_paths(client_factory: Client, carded: Path) -> None:
+    # After a hot swap the runtime serves another file than LESIONSERVE_MODEL_PATH: the card follows the model.
+    from service.inference import OnnxModel
+
+    loaded = OnnxModel.load(carded, ["CPUExecutionProvider"])
+    client = client_factory(model=loaded)  # settings.model_path: the tiny model, with no card beside it
+    assert client.get("/v1/models/card").text == CARD
