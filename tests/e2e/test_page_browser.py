@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, TEST_DATA, in_ci
+from tests.service.test_lifecycle import free_port
 from tests.tiny_model import make_tiny_onnx
 
 pytestmark = pytest.mark.slow
@@ -56,52 +57,36 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     model.with_suffix(".md").write_text(
         "# Model card: tiny-test-model 0.0.1\n\n## Limitations\n\nA test fixture. <script>window.pwned=1</script>\n"
     )
-    with socket_port() as port:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LESIONSERVE_")}
-        env.update(
-            LESIONSERVE_MODEL_PATH=str(model), LESIONSERVE_HOST="127.0.0.1", LESIONSERVE_PORT=str(port),
-            LESIONSERVE_PROVIDERS="CPUExecutionProvider", LESIONSERVE_API_KEYS=f"page:{KEY}",
-            LESIONSERVE_AUDIT_LOG="off", LESIONSERVE_LOG_LEVEL="WARNING",
-        )  # fmt: skip
-        log = (tmp / "server.log").open("w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            until = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, (tmp / "server.log").read_text()
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < until, "the service did not become ready in 60 s"
-                time.sleep(0.1)
-            yield base
-        finally:
-            proc.terminate()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LESIONSERVE_")}
+    env.update(
+        LESIONSERVE_MODEL_PATH=str(model), LESIONSERVE_HOST="127.0.0.1", LESIONSERVE_PORT=str(port),
+        LESIONSERVE_PROVIDERS="CPUExecutionProvider", LESIONSERVE_API_KEYS=f"page:{KEY}",
+        LESIONSERVE_AUDIT_LOG="off", LESIONSERVE_LOG_LEVEL="WARNING",
+    )  # fmt: skip
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        until = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp / "server.log").read_text()
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-
-
-class socket_port:
-    """A free TCP port on 127.0.0.1 (context manager, so the port is chosen right before use)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < until, "the service did not become ready in 60 s"
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")

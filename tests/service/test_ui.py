@@ -167,3 +167,16 @@ def test_card_is_the_loaded_models_not_the_configured_paths(client_factory: Clie
     loaded = OnnxModel.load(carded, ["CPUExecutionProvider"])
     client = client_factory(model=loaded)  # settings.model_path: the tiny model, with no card beside it
     assert client.get("/v1/models/card").text == CARD
+
+
+def test_every_page_file_is_served_and_shipped_in_the_wheel() -> None:
+    import fnmatch
+    import tomllib
+
+    from service.ui import static
+
+    repo = Path(__file__).resolve().parents[2]
+    files = {p.name for p in (repo / "service" / "ui").iterdir() if p.is_file() and p.suffix != ".py"}
+    assert files == {static.INDEX, *ASSETS}  # a new file must be added to the served table
+    patterns = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service.ui"]
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
