@@ -121,7 +121,7 @@ def exported_metric_names() -> set[str]:
 
 
 def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
-    """Every PromQL expression of a Grafana dashboard (panels, nested rows, template variables)."""
+    """Every PromQL expression of a Grafana dashboard (panels, nested rows, template variables, annotations)."""
     exprs: list[str] = []
 
     def walk(panels: list[dict[str, Any]]) -> None:
@@ -130,6 +130,7 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
             walk(panel.get("panels", []))
 
     walk(dashboard.get("panels", []))
+    exprs.extend(a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if a.get("expr"))
     for var in dashboard.get("templating", {}).get("list", []):
         query = var.get("query")
         text = query.get("query", "") if isinstance(query, dict) else str(query or "")

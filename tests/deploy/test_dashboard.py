@@ -65,6 +65,22 @@ def test_dashboard_shows_every_metric_the_service_exports() -> None:
     assert families - shown == set()
 
 
+def test_model_swaps_and_refused_reloads_are_annotated() -> None:
+    """Grafana marks each model load (start or swap) with the new model's version, and each refused reload."""
+    (datasource,) = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    annotations = {a["name"]: a for a in _dashboard()["annotations"]["list"]}
+    loaded, refused = annotations["Model loaded"], annotations["Model reload refused"]
+    assert promql_metric_names(loaded["expr"]) == {
+        "lesionserve_model_loaded_timestamp_seconds",
+        "lesionserve_model_info",
+    }
+    assert "{{version}}" in loaded["textFormat"] and "{{sha256}}" in loaded["textFormat"]
+    assert promql_metric_names(refused["expr"]) == {"lesionserve_model_reloads_total"}
+    assert 'result!~"success|unchanged"' in refused["expr"] and "{{result}}" in refused["textFormat"]
+    for annotation in (loaded, refused):
+        assert annotation["enable"] and annotation["datasource"]["uid"] == datasource["uid"]
+
+
 def test_panels_use_the_provisioned_datasource() -> None:
     (datasource,) = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
     assert datasource["url"] == "http://prometheus:9090"  # the compose service name and port

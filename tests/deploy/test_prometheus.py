@@ -20,6 +20,7 @@ REQUIRED_ALERTS = {
     "LesionserveOverloaded",
     "LesionserveClassDrift",
     "LesionserveOutOfDistributionSurge",
+    "LesionserveModelReloadFailed",
 }
 
 
@@ -70,6 +71,21 @@ def test_ood_rule_tests_fail_when_the_share_or_traffic_floor_moves(tmp_path: Pat
         result = run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / "ood.test.yml")])
         assert result.returncode != 0, f"{old.strip()} -> {new.strip()} went unnoticed"
         assert "LesionserveOutOfDistributionSurge" in result.stdout + result.stderr
+
+
+def test_reload_rule_tests_fail_when_successful_swaps_would_alert(tmp_path: Path) -> None:
+    """The failed-reload alert's unit tests pin its filter: a successful or no-op reload is no failure."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    text = (PROM / "rules" / "lesionserve.rules.yml").read_text()
+    old = 'result!~"success|unchanged"'
+    assert old in text
+    shutil.copy(PROM / "tests" / "reload.test.yml", tmp_path / "tests" / "reload.test.yml")
+    for new in ('result!~"unchanged"', 'result!~"success"'):
+        (tmp_path / "rules" / "lesionserve.rules.yml").write_text(text.replace(old, new))
+        result = run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / "reload.test.yml")])
+        assert result.returncode != 0, f"{old} -> {new} went unnoticed"
+        assert "LesionserveModelReloadFailed" in result.stdout + result.stderr
 
 
 def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
