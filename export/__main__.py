@@ -12,9 +12,11 @@ from export.metadata import ExportError
 from export.onnx_export import DEFAULT_IMAGES, DEFAULT_OPSET, export_checkpoints
 from export.ood import DEFAULT_METHOD, DEFAULT_PASS_RATE, OodConfig
 from export.parity import VerificationError
+from export.quantize import add_arguments, default_out, from_arguments, quantize_file
 from export.wrappers import UnknownTTAError
 from service.contract import OOD_METHODS, TTA_VIEWS, MetadataError
 from train.checkpoint import CheckpointError
+from train.data import DataError
 
 log = logging.getLogger("export")
 
@@ -52,6 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"share of validation images below the threshold (default {DEFAULT_PASS_RATE})")  # fmt: skip
     g.add_argument("--ood-fit-limit", type=int, default=0, help="at most this many training images for Mahalanobis")
     g.add_argument("--no-cam", dest="cam", action="store_false", help="leave out the cam output")
+    q = p.add_argument_group("INT8 for CPU-only servers (docs/export.md): also write NAME-int8.onnx beside --out")
+    q.add_argument("--int8", action="store_true", help="quantise the exported file, calibrated on --calibration")
+    add_arguments(q)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -75,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        if args.int8 and args.fp16:
+            raise ExportError("--int8 quantises a float32 export; leave out --fp16 (fp16 is the GPU option)")
+        int8 = from_arguments(args) if args.int8 else None  # calibration flags checked before the export
         ood = ood_config(args)
         result = export_checkpoints(
             args.checkpoints,
@@ -89,13 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             ood=ood,
             cam=args.cam,
         )
-    except (CheckpointError, ExportError, UnknownTTAError, MetadataError, VerificationError) as exc:
+        quantized = quantize_file(result.path, default_out(result.path), *int8) if int8 else None
+    except (CheckpointError, ExportError, UnknownTTAError, MetadataError, VerificationError, DataError) as exc:
         # One line, no traceback: these are the user's inputs or a failed check, not a bug.
         print(f"export: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     for check in result.checks:
         print(f"  {check}")
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB) and {result.card}")
+    if quantized is not None:
+        for check in quantized.checks:
+            print(f"  {check}")
+        print(f"wrote {quantized.path} ({quantized.size_bytes / 1e6:.1f} MB) and {quantized.card}")
     return 0
 
 

@@ -28,8 +28,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.onnx_export import export_graph
+from export.metadata import ExportError, read_metadata
+from export.onnx_export import DEFAULT_IMAGES, export_graph
+from export.parity import VerificationError, load_images
 from export.wrappers import CalibratedMember, LesionModel, tta_views
+from service.contract import INPUT_NAME, MetadataError
 from train.models import build_model
 
 log = logging.getLogger(__name__)
@@ -166,6 +169,64 @@ def bench(
     }
 
 
+def compare_files(paths: Sequence[Path], repeats: int, threads: int, images: Path = DEFAULT_IMAGES) -> dict[str, Any]:
+    """Contract files of the same model (e.g. fp32 and int8) on the same real images, timed in turns.
+
+    Latency at batch 1 and throughput at batch 16 (what the service's batcher forms under load), each
+    repeat running every file once before the next repeat, so outside load hits all of them alike.
+    """
+    metas = [read_metadata(p) for p in paths]
+    sizes = {m.input_size for m in metas}
+    if len(sizes) != 1:
+        raise ExportError(f"the files take different input sizes {sorted(sizes)}: not the same model")
+    files = sorted(q for q in Path(images).rglob("*") if q.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    x = load_images(files, sizes.pop())
+    batch16 = np.ascontiguousarray(np.concatenate([x] * -(-16 // len(x)))[:16])
+    sessions = [session(p, threads) for p in paths]
+    feeds = {1: {INPUT_NAME: batch16[:1]}, 16: {INPUT_NAME: batch16}}
+    times: dict[int, list[list[float]]] = {b: [[] for _ in paths] for b in feeds}
+    for s in sessions:  # warm-up: first runs allocate
+        for feed in feeds.values():
+            s.run(None, feed)
+    before = os.getloadavg()
+    for _ in range(repeats):
+        for b, feed in feeds.items():
+            for i, s in enumerate(sessions):
+                t0 = time.perf_counter()
+                s.run(None, feed)
+                times[b][i].append(time.perf_counter() - t0)
+    rows = []
+    for i, (p, m) in enumerate(zip(paths, metas, strict=True)):
+        b1, b16 = times[1][i], times[16][i]
+        rows.append({
+            "file": str(p), "precision": m.precision, "mb": p.stat().st_size / 1e6,
+            "b1_ms": 1000 * min(b1), "b1_median_ms": 1000 * statistics.median(b1),
+            "b16_img_s": 16 / min(b16), "b16_median_img_s": 16 / statistics.median(b16),
+        })  # fmt: skip
+    for r in rows:
+        r["b16_speedup_vs_first"] = rows[0]["b16_median_img_s"] and r["b16_median_img_s"] / rows[0]["b16_median_img_s"]
+    return {"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": threads, "repeats": repeats,
+            "onnxruntime": ort.__version__, "images": f"{len(files)} images from {images}",
+            "loadavg_before": before, "loadavg_after": os.getloadavg(), "rows": rows}  # fmt: skip
+
+
+def compare_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"ONNX Runtime {result['onnxruntime']} CPU EP, {result['threads']} threads, {result['cpu']} ({result['cpus']}"
+        f" cores), {result['repeats']} repeats in turns, best (median); load average before"
+        f" {result['loadavg_before'][0]:.2f}, after {result['loadavg_after'][0]:.2f}",
+        "",
+        "| file | precision | MB | batch 1 ms | batch 16 img/s | batch-16 speed-up (medians) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['file']} | {r['precision']} | {r['mb']:.1f} | {r['b1_ms']:.1f} ({r['b1_median_ms']:.1f})"
+        f" | {r['b16_img_s']:.1f} ({r['b16_median_img_s']:.1f}) | {r['b16_speedup_vs_first']:.2f}x |"
+        for r in result["rows"]
+    ]
+    return "\n".join(lines)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -208,8 +269,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", help="also write the figures as JSON here")
+    p.add_argument("--models", help="comma-separated contract files of one model (e.g. fp32,int8): compare those"
+                   " on the committed images instead of the TTA study")  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.models:
+        try:
+            compared = compare_files([Path(m) for m in args.models.split(",")], args.repeats, args.threads)
+        except (ExportError, MetadataError, VerificationError, OSError) as exc:
+            print(f"export.bench: error: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            Path(args.json).write_text(json.dumps(compared, indent=2))
+        print(compare_markdown(compared))
+        return 0
     result = bench(
         args.arch,
         args.size,

@@ -93,6 +93,39 @@ class CamSpec:
             raise MetadataError(f"cam.output must be {CAM_OUTPUT!r}, got {self.output!r}")
 
 
+PRECISIONS = ("float32", "float16", "int8")
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """How an INT8 file was made from its float32 source (``python -m export.quantize``, docs/export.md).
+
+    Attributes:
+        precision: ``int8``.
+        format: ONNX Runtime's ``QDQ`` (QuantizeLinear/DequantizeLinear pairs that the CPU provider
+            fuses into integer kernels).
+        weights, activations: what was quantised how (e.g. ``int8 per-channel symmetric, 7-bit range``).
+        kept_float: the parts of the graph left in float32 and why they were.
+        calibration: the images behind the activation ranges: data, part, count, method.
+        source: name, version and ``weights_sha256`` of the float32 file it was made from.
+        verification: INT8 vs float32 on images the calibration did not see (agreement, differences,
+            balanced accuracy, malignancy sensitivity), with the limits the export enforced.
+    """
+
+    precision: str
+    format: str
+    weights: str
+    activations: str
+    kept_float: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision != "int8":
+            raise MetadataError(f"quantization.precision must be 'int8', got {self.precision!r}")
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """Everything the service needs to know about a model, read from the file itself.
@@ -116,6 +149,7 @@ class ModelMetadata:
         ensemble_size: number of members averaged.
         ood, cam (optional): :class:`OodSpec` and :class:`CamSpec` of the optional outputs; absent
             when the file has no such output (files exported before them still serve).
+        quantization (optional): :class:`QuantizationSpec` of an INT8 file; absent for float files.
     """
 
     classes: list[str]
@@ -137,13 +171,16 @@ class ModelMetadata:
     schema_version: int = SCHEMA_VERSION
     ood: OodSpec | None = None
     cam: CamSpec | None = None
+    quantization: QuantizationSpec | None = None
 
     REQUIRED = (
         "schema_version", "classes", "class_names", "malignant_classes", "malignancy_threshold", "input_size",
         "preprocessing", "tta", "temperature", "architecture", "name", "version", "training_data", "metrics",
         "exported_at", "weights_sha256", "ensemble_size",
     )  # fmt: skip
-    OPTIONAL: ClassVar[dict[str, type[OodSpec] | type[CamSpec]]] = {"ood": OodSpec, "cam": CamSpec}
+    OPTIONAL: ClassVar[dict[str, type[OodSpec] | type[CamSpec] | type[QuantizationSpec]]] = {
+        "ood": OodSpec, "cam": CamSpec, "quantization": QuantizationSpec,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.classes or len(set(self.classes)) != len(self.classes):
@@ -161,6 +198,14 @@ class ModelMetadata:
             raise MetadataError(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
         if self.cam is not None and self.cam.shape[0] != len(self.classes):
             raise MetadataError(f"cam.shape {self.cam.shape} does not start with the {len(self.classes)} classes")
+
+    @property
+    def precision(self) -> str:
+        """``int8`` for a quantised file, else the backbones' float type (``float32`` or ``float16``)."""
+        if self.quantization is not None:
+            return self.quantization.precision
+        dtype = str(self.preprocessing.get("backbone_dtype", "float32"))
+        return dtype if dtype in PRECISIONS else "float32"
 
     def display_name(self, code: str) -> str:
         return self.class_names.get(code, code)

@@ -83,6 +83,27 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
 
 
+def compare_summary(
+    phases: list[dict[str, Any]], ceilings: list[dict[str, float]], compare_ceilings: list[dict[str, float]]
+) -> dict[str, object]:
+    """``--compare`` figures as ratios compare / service, each from one repeat (same outside load)."""
+
+    def paired(name: str, key: str) -> list[float]:
+        return [
+            float(a[key]) / float(b[key])
+            for a in phases for b in phases
+            if a["name"] == f"compare {name}" and b["name"] == f"service {name}" and a["repeat"] == b["repeat"]
+        ]  # fmt: skip
+
+    ceiling_ratio = [max(c.values()) / max(s.values()) for c, s in zip(compare_ceilings, ceilings, strict=True)]
+    return {
+        "compare ceiling best batch img/s": spread([max(c.values()) for c in compare_ceilings]),
+        "compare / service ceiling": spread(ceiling_ratio),
+        "compare / service throughput at c16": spread(paired("c16", "throughput_rps")),
+        "compare / service p50 at c1": spread(paired("c1", "p50_ms")),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="lesionserve load-test harness")
     p.add_argument("--model", type=Path, help="contract .onnx (default: build a ResNet-50-shaped one)")
@@ -98,6 +119,8 @@ def main() -> int:
     p.add_argument("--rss-model", type=Path, help="model for the RSS run (default: ResNet-50-shaped, width 16)")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--explain", action="store_true", help="also time the service with ?explain=true (heatmaps)")
+    p.add_argument("--compare", type=Path, metavar="MODEL",
+                   help="a second file of the same model (e.g. models/reference-int8.onnx): served and timed in turns")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
     args = p.parse_args()
     # SIGTERM (e.g. timeout) must still run the finally blocks that stop the server processes.
@@ -120,10 +143,16 @@ def main() -> int:
     svc = Server.service(model, args.workdir / "service.log", providers="CPUExecutionProvider",
                          max_batch_size=str(args.max_batch), max_wait_ms=str(args.max_wait_ms), queue_size="256")  # fmt: skip
     servers = {"service": svc}
+    if args.compare:
+        report["compare_model"] = str(args.compare)
+        servers["compare"] = Server.service(args.compare, args.workdir / "compare.log", providers="CPUExecutionProvider",
+                                            max_batch_size=str(args.max_batch), max_wait_ms=str(args.max_wait_ms),
+                                            queue_size="256")  # fmt: skip
     if not args.skip_baseline:
         servers["baseline"] = Server.baseline(model, args.workdir / "baseline.log")
     phases: list[dict[str, Any]] = []
     ceilings: list[dict[str, float]] = []
+    compare_ceilings: list[dict[str, float]] = []
     try:
         for server in servers.values():
             server.wait_ready()
@@ -134,6 +163,9 @@ def main() -> int:
         for r in range(args.repeats):
             ceilings.append(ceiling(model, images, batches, args.ceiling_seconds))
             log.info("ceiling %s (load %s)", ceilings[-1], load_avg())
+            if args.compare:
+                compare_ceilings.append(ceiling(args.compare, images, batches, args.ceiling_seconds))
+                log.info("compare ceiling %s", compare_ceilings[-1])
             order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
             for name, server in order:
                 phases.append({"repeat": r, **phase(f"{name} c1", server, images, 1, args.requests_c1)})
@@ -149,6 +181,8 @@ def main() -> int:
         for server in servers.values():
             server.stop()
     report["ceiling_img_s"] = ceilings
+    if compare_ceilings:
+        report["compare_ceiling_img_s"] = compare_ceilings
     report["phases"] = phases
     summary: dict[str, object] = {"ceiling best batch img/s": spread([max(c.values()) for c in ceilings])}
     for name in sorted({str(ph["name"]) for ph in phases}):
@@ -166,6 +200,8 @@ def main() -> int:
             if a["name"] == "service c16" and b["name"] == "baseline c16" and a["repeat"] == b["repeat"]
         ]  # fmt: skip
         summary["service / baseline at c16"] = spread(pairs)
+    if args.compare:
+        summary.update(compare_summary(phases, ceilings, compare_ceilings))
     report["summary"] = summary
 
     if args.rss_requests:
