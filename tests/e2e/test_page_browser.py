@@ -41,8 +41,8 @@ def _missing(reason: str) -> None:
 
 
 def chromium_path() -> str:
-    """The Debian Chromium binary (LESIONSERVE_TEST_CHROMIUM overrides), or skip/fail with the reason."""
-    candidates = [os.environ.get("LESIONSERVE_TEST_CHROMIUM", ""), *CHROMIUM_PATHS, shutil.which("chromium") or ""]
+    """The Debian Chromium binary (``CHROMIUM_BIN`` names another), or skip/fail with the reason."""
+    candidates = [os.environ.get("CHROMIUM_BIN", ""), *CHROMIUM_PATHS, shutil.which("chromium") or ""]
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return c
@@ -310,3 +310,14 @@ def test_the_csp_is_enforced_in_the_browser(page: Page) -> None:
     p.wait_for_function("window.__csp.length > 0")
     assert p.evaluate("window.ran") is None
     assert any(v.startswith("script-src") for v in page.csp_violations())
+
+
+def test_missing_chromium_skips_here_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM_PATHS", ())
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CHROMIUM_BIN", raising=False)
+    for ci, outcome in (("", pytest.skip.Exception), ("true", pytest.fail.Exception)):
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(BaseException, match="Chromium is not installed") as raised:
+            chromium_path()
+        assert raised.type is outcome
