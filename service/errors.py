@@ -72,6 +72,10 @@ class UnsupportedMediaType(ServiceError):
     status, slug, title, reason = 415, "unsupported-media-type", "Unsupported media type", "unsupported_type"
 
 
+class UnsupportedSopClass(UnsupportedMediaType):
+    """A DICOM SOP class other than the accepted ones (415; DICOM status 0122 on the PACS entries)."""
+
+
 class OutOfDistribution(ServiceError):
     """The image looks unlike the training data and ``LESIONSERVE_OOD_POLICY=reject``."""
 

@@ -37,7 +37,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble  # no public 
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from service.errors import InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.errors import InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType, UnsupportedSopClass
 from service.hospital.dicom_pixels import ImageModule, decode_first_frame
 from service.imaging import DecodedImage, center_crop_resize, decode_budget
 from service.schemas import DicomInfo
@@ -129,7 +129,7 @@ def read_dicom(data: bytes, *, max_pixels: int, min_side: int | None = None) -> 
     ts = _check_transfer_syntax(_read_meta(data))
     header, pixel_offset = _read_header(data)
     if header.sop not in ACCEPTED_SOP_CLASSES:
-        raise UnsupportedMediaType(
+        raise UnsupportedSopClass(
             f"DICOM SOP class {_uid_text(header.sop)} is not accepted: send Dermoscopic Photography, "
             "VL Photographic or colour Secondary Capture Image Storage"
         )

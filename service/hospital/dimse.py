@@ -9,13 +9,15 @@ handler hands the instance to the event loop (:func:`asyncio.run_coroutine_threa
 that association's thread only, so concurrent associations share batches.
 
 Negotiation: Dermoscopic Photography, VL Photographic and Secondary Capture Image Storage with the
-transfer syntaxes the reader decodes, and Verification (C-ECHO). Everything else is refused where
-DICOM refuses it:
+transfer syntaxes the reader decodes, Verification (C-ECHO), and every other storage SOP class only so
+that it can be refused per instance. Refusals:
 
 - a calling AE title not in ``DIMSE_ALLOWED_AETS``: A-ASSOCIATE-RJ, rejected-permanent, service user,
   "calling AE title not recognised" (a wrong called AE title: "called AE title not recognised");
-- another SOP class (CT, MR, ...): its presentation context is answered "abstract syntax not
-  supported", so the sender cannot send it and reports which one;
+- another SOP class (CT, MR, ...): C-STORE status 0122 "Refused: SOP Class not supported", with an
+  Error Comment naming it, and an audit line (see the comment in :class:`StorageScp`);
+- an accepted SOP class in a transfer syntax the reader cannot decode: that presentation context is
+  refused at negotiation ("transfer syntaxes not supported");
 - an instance that fails inside an accepted context: a C-STORE failure status with an Error Comment
   (:func:`service.hospital.pacs.failure_status`).
 
@@ -36,14 +38,15 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, Verification  # type: ignore[attr-defined]
 
 from service import metrics
 from service.config import Settings, parse_destination
-from service.errors import DeadlineExceeded, ResultNotDelivered
+from service.errors import DeadlineExceeded, ResultNotDelivered, UnsupportedSopClass
 from service.hospital.dicom import ACCEPTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES
 from service.hospital.pacs import (
+    PROCESSING_FAILURE,
     SUCCESS,
     audit_instance,
     classify_instance,
@@ -119,6 +122,14 @@ class StorageScp:
         syntaxes = sorted(SUPPORTED_TRANSFER_SYNTAXES, key=lambda ts: (not UID(ts).is_compressed, str(ts)))
         for sop_class in sorted(ACCEPTED_SOP_CLASSES):
             ae.add_supported_context(sop_class, syntaxes)
+        # Every other storage SOP class is accepted at negotiation, in any syntax, only to be answered per
+        # instance with Refused: SOP Class not supported (0122) and an audit line. PACS such as Orthanc
+        # propose all their storage classes on every association: refusing them at negotiation would say
+        # nothing when a routing rule sends a CT here (the sender logs "no presentation context"), and
+        # nothing would reach the audit trail.
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
+                ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         self._ae = ae
         self._server: Any = None
@@ -161,10 +172,14 @@ class StorageScp:
             self._open.add(id(event.assoc))
         metrics.DIMSE_ACTIVE_ASSOCIATIONS.inc()
         calling = _ae_text(event.assoc.requestor.ae_title)
-        for context in event.assoc.rejected_contexts:
+        accepted = {str(c.abstract_syntax) for c in event.assoc.accepted_contexts}
+        refused: set[str] = set()
+        for context in event.assoc.rejected_contexts:  # a sender proposes one context per transfer syntax
             metrics.DIMSE_CONTEXTS_REFUSED_TOTAL.inc()
-            sop = UID(str(context.abstract_syntax))
-            name = sop.name if sop.is_valid else "a malformed UID"
+            if str(context.abstract_syntax) not in accepted:  # no syntax at all for this SOP class
+                sop = UID(str(context.abstract_syntax))
+                refused.add(sop.name if sop.is_valid else "a malformed UID")
+        for name in sorted(refused):  # one line per SOP class left without a context, not per context
             log.warning("presentation context refused", extra={"calling_ae": calling, "sop_class": name})
             self._audit_refusal(_CONTEXT_REFUSED, 415, calling, {"refused_sop_class": name[:64]})
 
@@ -207,9 +222,14 @@ class StorageScp:
         identifiers: dict[str, str] = {"SOPInstanceUID": sop_uid} if sop_uid else {}
         data: bytes | None = None
         error: BaseException | None = None
-        sr_state = "none"
+        status, sr_state = SUCCESS, "none"
         try:
             data = event.encoded_dataset(include_meta=True)
+            sop_class = UID(str(event.request.AffectedSOPClassUID))
+            if sop_class not in ACCEPTED_SOP_CLASSES:  # answered before any parsing
+                raise UnsupportedSopClass(
+                    f"{sop_class.name if sop_class.is_valid else 'this SOP class'} is not accepted"
+                )
             answer = self._classify(data, request_id)
             if answer.dicom is not None:
                 identifiers = dict(answer.dicom.identifiers)
@@ -222,13 +242,13 @@ class StorageScp:
             error = exc
             if sr_state == "failed":
                 metrics.SR_DELIVERIES_TOTAL.labels(entry=ENTRY.value, outcome=metrics.SrOutcome.FAILED.value).inc()
-            return self._failure(exc)
+            status = failure_status(exc)
+            return self._failure(exc, status)
         finally:
-            status = f"0x{SUCCESS if error is None else failure_status(error):04X}"
             audit_instance(
                 self.runtime, entry=ENTRY, request_id=request_id, data=data, error=error,
                 latency_s=time.perf_counter() - start, identifiers=identifiers,
-                channel={"calling_ae": calling, "dimse_status": status, "sr": sr_state},
+                channel={"calling_ae": calling, "dimse_status": f"0x{status:04X}", "sr": sr_state},
             )  # fmt: skip
 
     def _classify(self, data: bytes, request_id: str) -> Any:
@@ -241,10 +261,9 @@ class StorageScp:
             raise DeadlineExceeded("no answer within the request deadline") from None
 
     @staticmethod
-    def _failure(exc: BaseException) -> Dataset:
+    def _failure(exc: BaseException, status: int) -> Dataset:
         count_refusal(exc)
-        status = failure_status(exc)
-        if not isinstance(exc, ResultNotDelivered) and status == 0x0110:
+        if status == PROCESSING_FAILURE and not isinstance(exc, ResultNotDelivered):
             log.error("C-STORE failed", extra={"error": type(exc).__name__})  # type only: messages may quote headers
         ds = Dataset()
         ds.Status = status

@@ -29,6 +29,7 @@ from service.errors import (
     ServiceError,
     ShuttingDown,
     UnsupportedMediaType,
+    UnsupportedSopClass,
 )
 from service.explain import enforce, ood_check
 from service.hospital.dicom import decode_dicom
@@ -43,7 +44,6 @@ SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 _RETRY_LATER = (Overloaded, ModelNotReady, ShuttingDown, DeadlineExceeded)
@@ -54,14 +54,15 @@ def failure_status(exc: BaseException) -> int:
     """The DICOM status for a failed instance.
 
     Out of Resources (A700) tells the sender to retry later (queue full, warming up, draining, deadline);
-    Cannot Understand (C000) is the object's fault (undecodable, not colour, too large, unlike the training
-    data under ``OOD_POLICY=reject``); Data Set does not match SOP Class (A900) a SOP class that is not one
-    of ours inside an accepted context; Processing Failure (0110) is ours (inference or SR failure).
+    SOP Class not supported (0122) a SOP class other than the three accepted ones (a CT, an SR, ...);
+    Cannot Understand (C000) the object's fault otherwise (undecodable, not colour, too large, unlike the
+    training data under ``OOD_POLICY=reject``); Processing Failure (0110) is ours (inference, SR, or the
+    SR's delivery).
     """
     if isinstance(exc, _RETRY_LATER):
         return OUT_OF_RESOURCES
-    if isinstance(exc, UnsupportedMediaType) and "SOP class" in exc.detail:
-        return DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(exc, UnsupportedSopClass):
+        return SOP_CLASS_NOT_SUPPORTED
     if isinstance(exc, _SENDERS_OBJECT):
         return CANNOT_UNDERSTAND
     return PROCESSING_FAILURE

@@ -92,7 +92,7 @@ def scu(aet: str = SCU_AET) -> AE:
     for sop in (DermoscopicPhotographyImageStorage, VLPhotographicImageStorage, SecondaryCaptureImageStorage):
         for ts in (pydicom.uid.JPEGBaseline8Bit, ExplicitVRLittleEndian):
             ae.add_requested_context(sop, [ts])
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     return ae
@@ -187,23 +187,40 @@ def test_wrong_called_ae_is_rejected(node: tuple[TestClient, int, Path]) -> None
     assert assoc.is_rejected and assoc.acceptor.primitive.diagnostic == 0x07  # called AE title not recognised
 
 
-def test_unsupported_sop_class_context_is_refused(node: tuple[TestClient, int, Path], sink: SrSink) -> None:
+def test_unsupported_sop_class_is_refused_per_instance_with_0122(
+    node: tuple[TestClient, int, Path], sink: SrSink
+) -> None:
     client, port, audit = node
     ct = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    before = metric(client, 'lesionserve_dicom_instances_total{entry="dimse",outcome="refused"}')
+    (status,) = send(port, [ct])
+    assert int(status.Status) == 0x0122  # Refused: SOP Class not supported
+    assert str(status.ErrorComment) == "CT Image Storage is not accepted"
+    assert sink.received == []
+    (line,) = [x for x in audit_lines(audit) if "dimse_status" in x.get("channel", {})]
+    assert line["channel"]["dimse_status"] == "0x0122" and line["outcome"]["status"] == 415
+    assert line["dicom"]["SOPInstanceUID"] and line["input"]["content_type"] == "application/dicom"
+    assert metric(client, 'lesionserve_dicom_instances_total{entry="dimse",outcome="refused"}') == before + 1
+
+
+def test_accepted_sop_class_in_an_undecodable_syntax_is_refused_at_negotiation(
+    node: tuple[TestClient, int, Path],
+) -> None:
+    client, port, audit = node
+    ae = AE(ae_title=SCU_AET)
+    ae.add_requested_context(VLPhotographicImageStorage, [pydicom.uid.DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
     before = metric(client, "lesionserve_dimse_contexts_refused_total")
-    assoc = scu().associate("127.0.0.1", port, ae_title=SCP_AET)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AET)
     assert assoc.is_established
     try:
-        refused = {str(c.abstract_syntax): c.result for c in assoc.rejected_contexts}
-        assert refused == {CTImageStorage: 0x03}  # abstract syntax not supported
-        with pytest.raises(ValueError, match="presentation context"):
-            assoc.send_c_store(ct)
-        assert int(assoc.send_c_echo().Status) == 0x0000  # the association itself is fine
+        assert {str(c.abstract_syntax): c.result for c in assoc.rejected_contexts} == {
+            VLPhotographicImageStorage: 0x04  # transfer syntaxes not supported
+        }
     finally:
         assoc.release()
-    assert sink.received == []
     (line,) = [x for x in audit_lines(audit) if x.get("channel", {}).get("refused_sop_class")]
-    assert line["channel"]["refused_sop_class"] == "CT Image Storage" and line["outcome"]["status"] == 415
+    assert line["channel"]["refused_sop_class"] == "VL Photographic Image Storage" and line["outcome"]["status"] == 415
     assert metric(client, "lesionserve_dimse_contexts_refused_total") == before + 1
 
 
