@@ -165,12 +165,22 @@ def test_classify_answers_the_sr_for_a_dicom_input(client_factory: Callable[...,
     assert doc.StudyInstanceUID == pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
 
 
-def test_classify_sr_for_a_jpeg_is_406(client_factory: Callable[..., TestClient]) -> None:
-    r = client_factory().post(
+def _decodes(client: TestClient) -> float:
+    line = next(
+        x for x in client.get("/metrics").text.splitlines() if x.startswith("lesionserve_decode_duration_seconds_count")
+    )
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_classify_sr_for_a_jpeg_is_406_before_any_decode(client_factory: Callable[..., TestClient]) -> None:
+    client = client_factory()
+    before = _decodes(client)
+    r = client.post(
         "/v1/classify", content=jpeg_bytes(), headers={"content-type": "image/jpeg", "accept": "application/dicom"}
     )
     assert r.status_code == 406 and r.headers["content-type"] == "application/problem+json"
     assert "DICOM input only" in r.json()["detail"]
+    assert _decodes(client) == before  # refused from the headers: no image decoded, no model run
 
 
 def test_classify_sr_for_a_ct_is_415(client_factory: Callable[..., TestClient]) -> None:
