@@ -12,11 +12,15 @@ What is quantised, decided by measurement on the reference model (docs/export.md
 - Weights on a 7-bit range (``reduce_range``) by default: on x86 CPUs without VNNI (this project's CI
   machine: AVX2 only) the uint8 x int8 kernels add pairs of products in int16 and saturate at full
   range (agreement 0.88 vs 0.955 with 7 bits). ``--full-range`` is for VNNI CPUs.
-- Float32 stays: the uint8 -> float cast and the TTA views (pixel permutations, nothing to gain), the
+- Each member's first two convolutions stay float32 (``--float-convs``, default 2): on the reference
+  model, quantising everything kept top-1 agreement at 0.954 and held-out balanced accuracy dropped
+  0.010; keeping the stem and the first depthwise convolution float gave 0.965 and a drop of 0.001,
+  for 7% of the INT8 speed-up.
+- Also float32: the uint8 -> float cast and the TTA views (pixel permutations, nothing to gain), the
   per-member normalisation, the pooled head (classifier, temperature, softmax), ``ood_score`` and
-  ``cam``. The normalisation is rewritten from Sub/Div to a 3-channel 1x1 convolution first (exact):
-  next to the int8 convolutions ONNX Runtime moves the image to NHWC, and a Sub/Div broadcasting over
-  an innermost axis of 3 then took 18% of the int8 run.
+  ``cam``. With ``--float-convs 0`` the normalisation is rewritten from Sub/Div into a 3-channel 1x1
+  convolution first (exact): with the stem quantised ONNX Runtime computes the image in NHWC, where a
+  Sub/Div broadcasting over an innermost axis of 3 took 18% of the INT8 run.
 
 Every INT8 file is verified against its float32 source on images the calibration did not see (top-1
 agreement, largest probability difference, balanced accuracy and malignancy sensitivity at the file's
@@ -30,6 +34,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -54,6 +59,7 @@ from sklearn.metrics import balanced_accuracy_score
 from export.card import render_card
 from export.evaluate import select, update_card
 from export.metadata import ExportError, read_metadata, weights_sha256
+from export.ood import choose_ood_threshold
 from export.parity import NHWC_SYMMETRIES, Check, VerificationError
 from service.contract import CAM_OUTPUT, INPUT_NAME, OOD_OUTPUT, OUTPUT_NAME, ModelMetadata, QuantizationSpec
 from train.data import DataError, load_images, load_labelled
@@ -64,8 +70,10 @@ METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entr
            "percentile": CalibrationMethod.Percentile}  # fmt: skip
 DEFAULT_METHOD = "minmax"
 DEFAULT_CALIBRATION_IMAGES = 200
+DEFAULT_FLOAT_CONVS = 2
 # Ops quantised together with the convolutions (the activations fold into the integer kernels).
 FOLLOWERS = ("Clip", "Relu", "Add", "MaxPool")
+MEMBER = re.compile(r"members\.\d+\.")  # export.wrappers.LesionModel names each member's weights so
 SECTION_START, SECTION_END = "<!-- int8 vs fp32: start -->", "<!-- int8 vs fp32: end -->"
 
 
@@ -75,7 +83,9 @@ class Limits:
 
     min_agreement: float = 0.95  # top-1 equal to the float32 file's, share of verification images
     max_prob_diff: float = 0.35  # largest |p_int8 - p_fp32| over every class of every image
-    max_bacc_drop: float = 0.01  # balanced accuracy, float32 minus int8
+    # Balanced accuracy, float32 minus int8. Wider than the 0.01 target on held-out test: the verification
+    # images (reference: validation minus calibration) hold 14 df, where one flip moves it by 0.010.
+    max_bacc_drop: float = 0.02
     max_sensitivity_drop: float = 0.01  # malignancy sensitivity at the file's threshold, float32 minus int8
 
 
@@ -95,10 +105,13 @@ class Calibration:
     method: str = DEFAULT_METHOD
     seed: int = 0
     reduce_range: bool = True
+    float_convs: int = DEFAULT_FLOAT_CONVS  # the first convolutions of each member stay float32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ExportError(f"calibration method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.float_convs < 0:
+            raise ExportError(f"--float-convs must be >= 0, got {self.float_convs}")
         if self.images < 1:
             raise ExportError(f"--calibration-images must be >= 1, got {self.images}")
         if self.part is not None and self.split is None:
@@ -176,9 +189,10 @@ def normalisation_as_conv(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in replaced.values()]
 
 
-def backbone_nodes(model: onnx.ModelProto, keep_float: Sequence[str]) -> list[str]:
-    """The nodes to quantise: every Conv with constant weights (but ``keep_float``), and each
-    Clip/Relu/Add/MaxPool all of whose inputs come from nodes already chosen (in graph order).
+def backbone_nodes(model: onnx.ModelProto, keep_float: Sequence[str], float_convs: int = 0) -> list[str]:
+    """The nodes to quantise: every Conv with constant weights (but ``keep_float`` and the first
+    ``float_convs`` of each ensemble member), and each Clip/Relu/Add/MaxPool all of whose inputs come
+    from nodes already chosen (in graph order).
 
     That is the backbones' feature maps and nothing after their global pooling: the classifier,
     temperature, softmax and the ``ood_score``/``cam`` heads stay float32.
@@ -186,9 +200,15 @@ def backbone_nodes(model: onnx.ModelProto, keep_float: Sequence[str]) -> list[st
     inits = {t.name for t in model.graph.initializer}
     chosen: list[str] = []
     produced: set[str] = set()
+    seen: dict[str, int] = {}  # convolutions met so far per member (weights named members.<i>.…)
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         if node.op_type == "Conv":
             ok = node.name not in keep_float and len(node.input) > 1 and node.input[1] in inits
+            if ok:
+                member = MEMBER.match(node.input[1])
+                key = member.group(0) if member else ""
+                seen[key] = seen.get(key, 0) + 1
+                ok = seen[key] > float_convs
         elif node.op_type in FOLLOWERS:
             tensors = [i for i in node.input if i and i not in inits]
             ok = bool(tensors) and all(t in produced for t in tensors)
@@ -198,6 +218,12 @@ def backbone_nodes(model: onnx.ModelProto, keep_float: Sequence[str]) -> list[st
             chosen.append(node.name)
             produced.update(node.output)
     return chosen
+
+
+def _no_preprocess_advice(record: logging.LogRecord) -> bool:
+    """Drop onnxruntime.quantization's advice to run its pre-processing: the exporter has already folded
+    BatchNorm into the convolutions and fixed every shape but the batch, which is what it would do."""
+    return "pre-processing before quantization" not in record.getMessage()
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -331,8 +357,17 @@ def int8_section(c: dict[str, Any], spec: QuantizationSpec, fp32_name: str, limi
          f"drop <= {limits.max_sensitivity_drop:g}"),
     ]  # fmt: skip
     if "ood_flag_agreement" in c:
-        rows.append(("OOD flag agreement", f(c["ood_flag_agreement"]), ""))
-        rows.append(("OOD pass rate fp32 / int8", f"{f(c['ood_pass_rate_fp32'])} / {f(c['ood_pass_rate_int8'])}", ""))
+        rows.append(("OOD flag agreement (fp32 threshold)", f(c["ood_flag_agreement"]), ""))
+        rows.append(
+            (
+                "OOD pass rate fp32 / int8 (fp32 threshold)",
+                f"{f(c['ood_pass_rate_fp32'])} / {f(c['ood_pass_rate_int8'])}",
+                "",
+            )
+        )
+    if "ood_threshold_int8" in c:
+        rows.append(("OOD threshold fp32 -> int8 (refitted at the same pass rate)",
+                     f"{c['ood_threshold_fp32']:.1f} -> {c['ood_threshold_int8']:.1f}", ""))  # fmt: skip
     if "cam_correlation_median" in c:
         rows.append(("heatmap correlation with fp32 (median)", f(c["cam_correlation_median"]), ""))
     lines = [
@@ -372,6 +407,8 @@ def describe(
     where = f"part `{cal.part}` of `{cal.split}`" if cal.part else "all images"
     kept = ["uint8 -> float cast and TTA views", "per-member normalisation (a 3-channel 1x1 convolution)",
             "pooled head: classifier, temperature, softmax", "ood_score and cam heads"]  # fmt: skip
+    if cal.float_convs:
+        kept.insert(2, f"each member's first {cal.float_convs} convolutions (the most sensitive to quantisation)")
     return QuantizationSpec(
         precision="int8",
         format="QDQ (ONNX Runtime static quantisation)",
@@ -379,7 +416,8 @@ def describe(
         activations="uint8, per tensor, asymmetric, ranges from the calibration images",
         kept_float=kept,
         calibration={"data": str(cal.data), "description": f"{where} of `{cal.data}` (shuffled, seed {cal.seed})",
-                     "images": n_cal, "method": cal.method, "seed": cal.seed, "quantized_nodes": n_nodes},
+                     "images": n_cal, "method": cal.method, "seed": cal.seed, "quantized_nodes": n_nodes,
+                     "float_convs": cal.float_convs},
         source={"name": meta.name, "version": meta.version, "weights_sha256": meta.weights_sha256, "file": source.name},
         verification={**comparison, "limits": dataclasses.asdict(limits)},
     )  # fmt: skip
@@ -414,18 +452,25 @@ def quantize_file(
     partial = out.with_name(out.name + ".partial")
     try:
         model = onnx.load(str(source))
-        keep_float = normalisation_as_conv(model)
-        nodes = backbone_nodes(model, keep_float)
+        # With the stem quantised, ORT computes the image in NHWC and Sub/Div broadcast slowly over C=3;
+        # with a float stem they stay NCHW and cost less than the rewrite (measured, docs/export.md).
+        keep_float = normalisation_as_conv(model) if calibration.float_convs == 0 else []
+        nodes = backbone_nodes(model, keep_float, calibration.float_convs)
         if not any(n.op_type == "Conv" and n.name in nodes for n in model.graph.node):
             raise ExportError(f"{source}: no convolution to quantise")
         onnx.save(model, str(prepared))
         started = time.monotonic()
-        quantize_static(
-            str(prepared), str(partial), _Reader(cal_images), quant_format=QuantFormat.QDQ,
-            nodes_to_quantize=nodes, per_channel=True, reduce_range=calibration.reduce_range,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=METHODS[calibration.method],
-        )  # fmt: skip
+        root = logging.getLogger()  # onnxruntime.quantization warns on the root logger
+        root.addFilter(_no_preprocess_advice)
+        try:
+            quantize_static(
+                str(prepared), str(partial), _Reader(cal_images), quant_format=QuantFormat.QDQ,
+                nodes_to_quantize=nodes, per_channel=True, reduce_range=calibration.reduce_range,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=METHODS[calibration.method],
+            )  # fmt: skip
+        finally:
+            root.removeFilter(_no_preprocess_advice)
         log.info("quantised %d nodes in %.0f s", len(nodes), time.monotonic() - started)
         fp32_out = _run(_session(source), ver_images)
         sess = _session(partial)
@@ -438,8 +483,19 @@ def quantize_file(
             raise VerificationError(f"{out}: INT8 verification failed: " + "; ".join(str(c) for c in failed))
         proto = onnx.load(str(partial))
         spec = describe(calibration, meta, source, len(cal_images), len(nodes), comparison, limits)
+        ood = meta.ood
+        if ood is not None and OOD_OUTPUT in int8_out:
+            # INT8 features move the Mahalanobis scores (median +5% on the reference): the fp32 threshold
+            # would flag more in-distribution images, so it is refitted at the same pass rate on the
+            # verification images (the part the fp32 threshold came from, minus the calibration images).
+            threshold, rate = choose_ood_threshold(int8_out[OOD_OUTPUT], ood.pass_rate)
+            refit = {"images": len(labels), "fp32_threshold": ood.threshold, "fp32_pass_rate": ood.pass_rate}
+            ood = dataclasses.replace(ood, threshold=threshold, pass_rate=rate,
+                                      fitted_on={**ood.fitted_on, "int8_refit": refit})  # fmt: skip
+            comparison["ood_threshold_fp32"], comparison["ood_threshold_int8"] = refit["fp32_threshold"], threshold
         new_meta = dataclasses.replace(
-            meta, quantization=spec, weights_sha256=weights_sha256(proto),
+            meta,
+            ood=ood, quantization=spec, weights_sha256=weights_sha256(proto),
             exported_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )  # fmt: skip
         del proto.metadata_props[:]
@@ -484,6 +540,12 @@ def add_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         "--calibration-method", default=DEFAULT_METHOD, help=f"{', '.join(METHODS)} (default {DEFAULT_METHOD})"
     )
     p.add_argument(
+        "--float-convs",
+        type=int,
+        default=DEFAULT_FLOAT_CONVS,
+        help=f"keep each member's first N convolutions float32 (default {DEFAULT_FLOAT_CONVS})",
+    )
+    p.add_argument(
         "--full-range",
         action="store_true",
         help="8-bit weight range: only for CPUs with VNNI (without it the int8 kernels saturate)",
@@ -503,7 +565,7 @@ def from_arguments(args: argparse.Namespace) -> tuple[Calibration, Limits]:
     part = args.calibration_part if split is not None else None
     cal = Calibration(
         Path(args.calibration), split, part, args.calibration_images, args.verify_images,
-        args.calibration_method, reduce_range=not args.full_range,
+        args.calibration_method, reduce_range=not args.full_range, float_convs=args.float_convs,
     )  # fmt: skip
     limits = Limits(args.int8_min_agreement, args.int8_max_prob_diff, args.int8_max_bacc_drop,
                     args.int8_max_sensitivity_drop)  # fmt: skip

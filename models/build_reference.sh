@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Rebuilds models/reference.onnx and its model card from HAM10000 with this repository's own
-# pipeline: train -> export (TTA + temperature inside) -> threshold on validation -> held-out
-# evaluation of the exported file. Seeded: the same machine gives the same split and model.
+# Rebuilds models/reference.onnx, its INT8 form models/reference-int8.onnx and their model cards
+# from HAM10000 with this repository's own pipeline: train -> export (TTA + temperature inside)
+# -> threshold on validation -> held-out evaluation of the exported file -> INT8 (calibrated on
+# validation images) and its held-out evaluation. Seeded: the same machine gives the same split and model.
 #
 #   bash models/build_reference.sh [DATA_DIR] [RUN_DIR]
 #
@@ -15,6 +16,7 @@ DATA=${1:-../shared/data/ham10000}
 RUN=${2:-runs/reference}
 PY=${PY:-.venv/bin/python}
 MODEL=models/reference.onnx
+MODEL_INT8=models/reference-int8.onnx
 VERSION=${VERSION:-2.0.0}
 TARGET_SENSITIVITY=${TARGET_SENSITIVITY:-0.92}
 EPOCHS=${EPOCHS:-8}
@@ -76,7 +78,16 @@ if [ -d "$EXTERNAL" ]; then
   "$PY" -m export.external "$MODEL" --data "$EXTERNAL" --out models/reference-eval --card models/reference.md
 fi
 
-# 4. The card's "How it was made" section: the exact commands and training's own table
+# 4. INT8 for CPU-only servers (docs/export.md, "INT8"): calibrated on validation images, verified
+#    against the float file on the rest of validation (the export fails past its limits), then
+#    measured on the same held-out test lesions.
+"$PY" -m export.quantize "$MODEL" --out "$MODEL_INT8" --calibration "$DATA" --calibration-split "$RUN/split.json" --part val
+"$PY" -m export.evaluate "$MODEL_INT8" --data "$DATA" --split "$RUN/split.json" --part test \
+  --out models/reference-int8-eval --card models/reference-int8.md
+"$PY" -m export.ood_eval "$MODEL_INT8" --data "$DATA" --split "$RUN/split.json" --part test \
+  --out models/reference-int8-eval --card models/reference-int8.md
+
+# 5. The card's "How it was made" section: the exact commands and training's own table
 #    (PyTorch, no TTA), which holds ECE before/after the fitted temperature.
 "$PY" - "$RUN" "$DATA" "$THRESHOLD" "$TARGET_SENSITIVITY" "$EPOCHS" "${TRAIN_ARGS[*]}" "$VERSION" >> models/reference.md <<'PY'
 import sys

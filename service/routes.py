@@ -174,7 +174,9 @@ async def models(rt: RuntimeDep) -> ModelsResponse:
     served = rt.served  # one read: a swap between two reads would mix two models
     m = served.meta
     info = ModelInfo(
-        name=m.name, version=m.version, sha256=served.model.sha256, provider=served.model.provider, classes=m.classes,
+        name=m.name, version=m.version, sha256=served.model.sha256, precision=m.precision,
+        quantization=asdict(m.quantization) if m.quantization else None,
+        provider=served.model.provider, classes=m.classes,
         class_names={c: m.display_name(c) for c in m.classes}, malignant_classes=m.malignant_classes,
         malignancy_threshold=served.threshold, input_size=m.input_size, tta=m.tta, architecture=m.architecture,
         ensemble_size=m.ensemble_size, temperature=m.temperature, metrics=m.metrics, training_data=m.training_data,

@@ -69,7 +69,8 @@ class Served:
 
     def ref(self) -> dict[str, str]:
         """The model's identity as answers, audit lines and metrics quote it."""
-        return {"name": self.meta.name, "version": self.meta.version, "sha256": self.model.sha256}
+        return {"name": self.meta.name, "version": self.meta.version, "sha256": self.model.sha256,
+                "precision": self.meta.precision}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ class ModelRef(BaseModel):
     name: str
     version: str
     sha256: str = Field(description="sha256 of the .onnx file being served")
+    precision: str = Field("float32", description="float32, float16 (GPU) or int8 (CPU, quantised)")
 
 
 class ClassProbability(BaseModel):
@@ -106,6 +107,8 @@ class ModelInfo(BaseModel):
     name: str
     version: str
     sha256: str
+    precision: str = Field(description="float32, float16 (GPU) or int8 (CPU, quantised)")
+    quantization: dict[str, object] | None = Field(None, description="How an int8 file was calibrated and verified")
     provider: str
     classes: list[str]
     class_names: dict[str, str]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,13 @@ def test_int8_file_is_quantised_described_and_close_to_fp32(fp32: Path, int8: Pa
     assert "7-bit" in q.weights and q.verification["images"] == committed - 6  # 6 calibrate, the rest verify
     graph = onnx.load(str(int8)).graph
     ops = [n.op_type for n in graph.node]
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "Sub" not in ops[:20]
-    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8_weights) >= 20  # every ResNet-18 convolution's weights are stored as int8
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    int8_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    # ResNet-18 has 20 convolutions: all but the first two (--float-convs 2, the default) are stored as int8.
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == 20 and q.calibration["float_convs"] == 2
+    stored_int8 = [c for c in convs if c.input[1].removesuffix("_DequantizeLinear_Output") + "_quantized" in int8_weights]
+    assert [c.name for c in convs if c not in stored_int8] == [c.name for c in convs[:2]]
     x = load_images(sorted(DEFAULT_IMAGES.rglob("*.jpg")), meta.input_size)
     p8, p32 = probs(int8, x), probs(fp32, x)
     assert np.allclose(p8.sum(1), 1.0, atol=1e-5)
@@ -76,7 +81,8 @@ def test_normalisation_rewrite_is_exact(fp32: Path, tmp_path: Path) -> None:
 def test_only_backbone_feature_maps_are_quantised(fp32: Path) -> None:
     model = onnx.load(str(fp32))
     keep = normalisation_as_conv(model)
-    chosen = set(backbone_nodes(model, keep))
+    assert len(backbone_nodes(model, keep, float_convs=3)) < len(backbone_nodes(model, keep, float_convs=0))
+    chosen = set(backbone_nodes(model, keep, float_convs=0))
     by_name = {n.name: n for n in model.graph.node}
     assert {by_name[n].op_type for n in chosen} <= {"Conv", "Relu", "Add", "MaxPool", "Clip"}
     assert not chosen & set(keep)  # the normalisation stays float
@@ -156,4 +162,24 @@ def test_int8_weights_dequantise_to_the_fp32_weights(fp32: Path, int8: Path) -> 
             w = q * scale.reshape(-1, 1, 1, 1)
             assert np.abs(w - src[name]).max() <= scale.max() * 0.5 + 1e-7
             checked += 1
-    assert checked >= 20
+    assert checked == 18  # 20 convolutions, the first two kept float
+
+
+def test_service_serves_the_int8_file_and_says_so(int8: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    settings = Settings(model_path=int8, providers="CPUExecutionProvider", log_format="text")  # type: ignore[call-arg]
+    with TestClient(create_app(settings)) as client:
+        until = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200 and time.monotonic() < until:
+            time.sleep(0.05)
+        info = client.get("/v1/models").json()["models"][0]
+        assert info["precision"] == "int8" and info["quantization"]["calibration"]["images"] == 6
+        image = (DEFAULT_IMAGES / "melanoma" / "ISIC_0000160.jpg").read_bytes()
+        answer = client.post("/v1/classify", files={"image": ("x.jpg", image, "image/jpeg")})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["precision"] == "int8"
+        assert answer.json()["model"]["sha256"] == info["sha256"]
