@@ -7,6 +7,7 @@ committed CC0 ISIC images (rotated copies), with a split.json like ``python -m t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -304,3 +305,26 @@ def test_bench_outputs_needs_both_outputs(tmp_path: Path, capsys: pytest.Capture
 
     assert bench_main([str(make_tiny_onnx(tmp_path / "plain.onnx"))]) == 2
     assert "lacks 'ood_score' or 'cam'" in capsys.readouterr().err
+
+
+def test_int8_file_refits_the_ood_threshold_on_its_own_scores(
+    ood_model: Path, lesion_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """INT8 features move the Mahalanobis scores: the INT8 file's threshold is refitted at the same pass rate."""
+    from export.quantize import Calibration, Limits, load_calibration, quantize_file
+
+    data, split = lesion_folder
+    cal = Calibration(data, split, "val", images=4)
+    out = quantize_file(ood_model, tmp_path / "ood-int8.onnx", cal, Limits(0.0, 1.0, 1.0, 1.0)).path
+    fp32, int8 = read_metadata(ood_model), read_metadata(out)
+    assert fp32.ood is not None and int8.ood is not None and int8.ood.method == fp32.ood.method
+    refit = int8.ood.fitted_on["int8_refit"]
+    assert (
+        refit["fp32_threshold"] == fp32.ood.threshold
+        and refit["images"] == 4
+        and int8.ood.threshold != fp32.ood.threshold
+    )
+    _, verification, _ = load_calibration(cal, fp32)  # the 4 validation images the calibration did not see
+    scores = ort.InferenceSession(str(out)).run(["ood_score"], {"image": verification})[0]
+    k = math.ceil(fp32.ood.pass_rate * len(scores)) - 1  # the same rule as at the fp32 export
+    assert int8.ood.threshold == pytest.approx(float(np.sort(scores)[k]), rel=1e-6)  # an INT8 score, not the fp32 one

@@ -117,3 +117,34 @@ def test_committed_cc0_image_lists_are_what_the_readme_uses() -> None:
     for path in re.findall(r"@(tests/data/[^\s]+\.(?:jpg|dcm))", readme):
         assert (REPO / path).is_file(), path
     assert (TEST_DATA / "isic" / "melanoma" / "ISIC_0000160.jpg").is_file()
+
+
+INT8 = REPO / "models" / "reference-int8.onnx"
+INT8_EVAL = REPO / "models" / "reference-int8-eval" / "metrics.json"
+
+
+def test_int8_reference_is_made_from_this_reference(meta: ModelMetadata) -> None:
+    """models/reference-int8.onnx: the INT8 form of the bundled file (a stale one fails here), within the targets."""
+    int8 = ModelMetadata.from_props(
+        ort.InferenceSession(str(INT8), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    )
+    assert INT8.stat().st_size < 100 * 1024 * 1024 and int8.precision == "int8" and meta.precision == "float32"
+    assert int8.quantization is not None and int8.quantization.source["weights_sha256"] == meta.weights_sha256
+    assert (int8.name, int8.version, int8.classes) == (meta.name, meta.version, meta.classes)
+    assert int8.quantization.verification["top1_agreement"] >= int8.quantization.verification["limits"]["min_agreement"]
+    fp32, q8 = json.loads(EVAL.read_text()), json.loads(INT8_EVAL.read_text())
+    assert q8["n"] == fp32["n"] == 1502 and q8["model"]["version"] == fp32["model"]["version"]  # same held-out test
+    assert abs(q8["balanced_accuracy"] - fp32["balanced_accuracy"]) <= 0.01
+    assert fp32["malignancy"]["sensitivity"] - q8["malignancy"]["sensitivity"] <= 0.01
+
+
+def test_int8_reference_answers_like_the_fp32_one(isic_images: list[Path]) -> None:
+    from export.parity import load_images
+
+    x = load_images(isic_images, 128)
+    p32, p8 = (
+        ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x})[0]
+        for m in (MODEL, INT8)
+    )
+    assert np.allclose(p8.sum(1), 1, atol=1e-4) and (p8.argmax(1) == p32.argmax(1)).mean() >= 0.9
+    assert np.abs(p8 - p32).max() < 0.25
