@@ -25,12 +25,15 @@ def test_bench_runs_end_to_end(tmp_path: Path, tiny_onnx: Path) -> None:
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "service.bench", "--model", str(tiny_onnx), "--images", str(TEST_DATA / "isic" / "nevus"),
            "--workdir", str(tmp_path), "--repeats", "1", "--requests-c1", "5", "--requests-c16", "32",
-           "--ceiling-seconds", "0.2", "--rss-requests", "50", "--rss-model", str(tiny_onnx), "--out", str(out)]  # fmt: skip
+           "--ceiling-seconds", "0.2", "--rss-requests", "50", "--rss-model", str(tiny_onnx), "--out", str(out),
+           "--compare", str(tiny_onnx)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     names = {p["name"] for p in report["phases"]}
-    assert names == {"service c1", "service c16", "baseline c1", "baseline c16"}
+    assert names == {"service c1", "service c16", "baseline c1", "baseline c16", "compare c1", "compare c16"}
+    assert report["compare_model"] == str(tiny_onnx) and len(report["compare_ceiling_img_s"]) == 1
+    assert report["summary"]["compare / service throughput at c16"]["median"] > 0
     assert all(p["statuses"] == {"200": p["requests"]} for p in report["phases"])
     service_c16 = next(p for p in report["phases"] if p["name"] == "service c16")
     assert sum(service_c16["batch_hist"].values()) >= 1
