@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import time
 import uuid
@@ -33,18 +32,13 @@ from service.hospital.sr import TOP_CLASS, class_concept
 from tests.conftest import TEST_DATA, in_ci
 from tests.service.conftest import client_factory, settings_factory  # noqa: F401  (fixtures)
 from tests.service.test_dicom import make_dicom
+from tests.service.test_lifecycle import free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOMS = sorted((TEST_DATA / "dicom").glob("*.dcm"))
 SCP_AET = "LESIONSERVE"
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def need_orthanc() -> None:

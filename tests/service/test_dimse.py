@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-import socket
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,15 +34,10 @@ from service.hospital.dicom import SECONDARY_CAPTURE
 from service.hospital.sr import TOP_CLASS, class_concept
 from tests.conftest import TEST_DATA
 from tests.service.test_dicom import PATIENT_ID, PATIENT_NAME, make_dicom
+from tests.service.test_lifecycle import free_port
 
 DICOMS = sorted((TEST_DATA / "dicom").glob("*.dcm"))
 SCU_AET, SCP_AET, DEST_AET = "TESTSCU", "LESIONSERVE", "SRSINK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SrSink:
@@ -119,7 +114,10 @@ def audit_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_committed_dicoms_come_back_as_srs_in_their_study(node: tuple[TestClient, int, Path], sink: SrSink) -> None:
+def test_committed_dicoms_come_back_as_srs_in_their_study(
+    node: tuple[TestClient, int, Path], sink: SrSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     client, port, audit = node
     sources = [pydicom.dcmread(p) for p in DICOMS]
     counted = ('lesionserve_dicom_instances_total{entry="dimse",outcome="classified"}',
@@ -154,8 +152,9 @@ def test_committed_dicoms_come_back_as_srs_in_their_study(node: tuple[TestClient
     for line in stores:
         assert line["channel"] == {"entry": "dimse", "calling_ae": SCU_AET, "dimse_status": "0x0000", "sr": "stored"}
         assert len(line["dicom"]["SOPInstanceUID"]) == 64  # hashed
-    text = audit.read_text()
-    assert all(str(s.PatientName) not in text and str(s.PatientID) not in text for s in sources)
+    # patient attributes go into the SR only: not into the audit trail, not into any log record
+    for text in (audit.read_text(), caplog.text):
+        assert all(str(s.PatientName) not in text and str(s.PatientID) not in text for s in sources)
     after = [metric(client, c) for c in counted]
     assert [a - b for a, b in zip(after, before, strict=True)] == [len(DICOMS), len(DICOMS), 1]
 
