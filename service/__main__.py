@@ -18,6 +18,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.clients import protocol_for, raise_fd_limit
 from service.config import Settings, describe_validation_error
 from service.inference import ModelLoadError
 from service.logs import configure_logging
@@ -67,6 +68,7 @@ def main() -> int:
     except ModelLoadError as exc:
         print(f"lesionserve: cannot serve {settings.model_path}: {exc}", file=sys.stderr)
         return 2
+    raise_fd_limit(settings.max_connections)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -78,7 +80,8 @@ def main() -> int:
         lifespan="on",
         # h11, not httptools: httptools has no limit on the request head (three 200 MB headers took
         # 810 MB); h11 refuses one over max_incomplete_event_size with 400 and closes the connection.
-        http="h11",
+        # Our subclass adds the header-read timeout and the connection cap (service.clients).
+        http=protocol_for(settings),
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     reloader = app.state.reloader

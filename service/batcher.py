@@ -227,8 +227,12 @@ class Batcher:
         live = []
         for item in batch:
             if not item.future.set_running_or_notify_cancel():
-                continue  # the caller gave up (timeout or disconnect)
+                # The caller gave up: its client closed the connection, or its deadline passed (504 answered).
+                reason = metrics.SkipReason.DEADLINE if now > item.deadline else metrics.SkipReason.CLIENT_CLOSED
+                metrics.INFERENCE_SKIPPED_TOTAL.labels(reason=reason).inc()
+                continue
             if now > item.deadline:
+                metrics.INFERENCE_SKIPPED_TOTAL.labels(reason=metrics.SkipReason.DEADLINE).inc()
                 item.future.set_exception(DeadlineExceeded("the request deadline passed while it was queued"))
                 continue
             live.append(item)

@@ -85,6 +85,20 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, le=1024 * 1024, description="Request line + headers; more -> 400, connection closed."
     )
+    # Slow and silent clients (docs/service.md, "Slow, silent and vanishing clients"): each one holds a
+    # socket, a task and its bytes; these end them by rule instead of by starving everyone else.
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="Request line + headers must arrive within this; else 408, closed."
+    )
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="Whole body must arrive within this -> 408.")
+    body_min_rate_bytes_s: int = Field(
+        4096, ge=0, description="Average body rate below this after the grace period -> 408; 0 = no rate rule."
+    )
+    body_rate_grace_s: float = Field(5.0, ge=0.0, le=600.0, description="Seconds before the rate rule applies.")
+    max_uploads: int = Field(512, ge=1, le=100_000, description="Bodies being read at once; more -> 503.")
+    max_connections: int = Field(
+        2048, ge=1, le=1_000_000, description="Open HTTP connections; more -> 503 and closed at once."
+    )
     api_keys: str = Field("", description="Comma list of id:key; empty with no file = auth off.")
     api_keys_file: Path | None = None
     metrics_auth: bool | None = Field(None, description="/metrics needs a key; unset (auto): when API keys are on.")

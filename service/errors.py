@@ -72,6 +72,18 @@ class UnsupportedMediaType(ServiceError):
     status, slug, title, reason = 415, "unsupported-media-type", "Unsupported media type", "unsupported_type"
 
 
+class UploadTimeout(ServiceError):
+    """The body did not arrive within ``LESIONSERVE_BODY_TIMEOUT_S``; the connection is closed after the answer."""
+
+    status, slug, title, reason = 408, "upload-timeout", "Upload took too long", "upload_timeout"
+
+
+class UploadTooSlow(ServiceError):
+    """The body arrived slower than ``LESIONSERVE_BODY_MIN_RATE_BYTES_S`` after the grace period."""
+
+    status, slug, title, reason = 408, "upload-too-slow", "Upload too slow", "upload_too_slow"
+
+
 class UnsupportedSopClass(UnsupportedMediaType):
     """A DICOM SOP class other than the accepted ones (415; DICOM status 0122 on the PACS entries)."""
 
@@ -114,6 +126,10 @@ class Overloaded(ServiceError):
     status, slug, title, reason = 503, "overloaded", "Service overloaded, retry later", "queue_full"
 
 
+class TooManyUploads(ServiceError):
+    status, slug, title, reason = 503, "too-many-uploads", "Too many uploads in progress", "too_many_uploads"
+
+
 class ModelNotReady(ServiceError):
     status, slug, title, reason = 503, "not-ready", "Model not ready", "not_ready"
 
@@ -124,6 +140,16 @@ class ShuttingDown(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     status, slug, title, reason = 504, "deadline-exceeded", "Request deadline passed", "deadline"
+
+
+class ClientClosed(ServiceError):
+    """The client closed the connection before its answer was sent: an ordinary event, not a server fault.
+
+    Status 499 as nginx records it ("client closed request"); nobody receives the answer, but the metrics,
+    the access log and the audit trail see the 499 and the ``client-closed`` type. Not a rejection.
+    """
+
+    status, slug, title = 499, "client-closed", "Client closed the connection"
 
 
 class InferenceFailed(ServiceError):

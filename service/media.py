@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from service.clients import Uploads
+from service.errors import BadRequest, NotAcceptable, UnsupportedMediaType
 from service.hospital.dicom import decode_dicom, is_dicom
 from service.hospital.fhir import diagnostic_report
 from service.hospital.sr import make_sr, sr_bytes
@@ -76,17 +77,14 @@ def _media_type(value: str | None) -> str:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes while streaming."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The request body under the process's upload rules (:class:`service.clients.Uploads`).
+
+    Raises 413 past ``limit`` bytes, 408 when too slow or too long, 503 when too many uploads are being
+    read, 499 (:class:`~service.errors.ClientClosed`) when the client hangs up. ``/v1/classify`` reads
+    through :class:`service.clients.ClientWatch`, which also listens for a hang-up after the body.
+    """
+    uploads: Uploads = request.app.state.runtime.uploads
+    return await uploads.read(request.receive, limit, request.headers.get("content-length"))
 
 
 async def _multipart_image(headers: Headers, body: bytes) -> tuple[str, bytes]:

@@ -25,6 +25,26 @@ class RejectReason(StrEnum):
     NOT_READY = "not_ready"
     SHUTTING_DOWN = "shutting_down"
     OUT_OF_DISTRIBUTION = "out_of_distribution"
+    UPLOAD_TIMEOUT = "upload_timeout"
+    UPLOAD_TOO_SLOW = "upload_too_slow"
+    TOO_MANY_UPLOADS = "too_many_uploads"
+    # Refused at the connection, before any request (so never in lesionserve_requests_total).
+    HEADER_TIMEOUT = "header_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+
+
+class DisconnectStage(StrEnum):
+    """Where a client was when it closed the connection before its answer (``stage`` label)."""
+
+    UPLOAD = "upload"  # while its body was being read
+    PROCESSING = "processing"  # body read; decoding, queued or in inference
+
+
+class SkipReason(StrEnum):
+    """Why the batcher dropped a queued image without running it (``reason`` label)."""
+
+    CLIENT_CLOSED = "client_closed"
+    DEADLINE = "deadline"
 
 
 class Method(StrEnum):
@@ -91,6 +111,18 @@ OOD_CHECKED_TOTAL = Counter("lesionserve_ood_checked_total", "Images whose out-o
 OOD_FLAGGED_TOTAL = Counter(
     "lesionserve_ood_flagged_total", "Images whose out-of-distribution score passed the model's threshold"
 )
+CLIENT_DISCONNECTS_TOTAL = Counter(
+    "lesionserve_client_disconnects_total",
+    "Requests whose client closed the connection before the answer (status 499), by stage",
+    ["stage"],
+)
+INFERENCE_SKIPPED_TOTAL = Counter(
+    "lesionserve_inference_skipped_total",
+    "Queued images dropped before inference because nobody waits for them any more, by reason",
+    ["reason"],
+)
+UPLOADS_READING = Gauge("lesionserve_uploads_reading", "Request bodies being read now")
+OPEN_CONNECTIONS = Gauge("lesionserve_open_connections", "HTTP connections open now")
 READY = Gauge("lesionserve_ready", "1 when the model is loaded and warmed up, else 0")
 MODEL_INFO = Info("lesionserve_model", "Loaded model: name, version, sha256 and the execution provider in use")
 # The model's identity lives in this one info series, not as labels on every series: a swap would otherwise
@@ -121,6 +153,10 @@ for _result in ReloadResult:
 
 for _reason in RejectReason:
     REJECTIONS_TOTAL.labels(reason=_reason.value)  # export zeros up front so rate() works from the start
+for _stage in DisconnectStage:
+    CLIENT_DISCONNECTS_TOTAL.labels(stage=_stage.value)
+for _skip in SkipReason:
+    INFERENCE_SKIPPED_TOTAL.labels(reason=_skip.value)
 
 
 # --- PACS entries (service/hospital/): DIMSE, STOW-RS, WADO-RS ------------------------------------

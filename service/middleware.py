@@ -16,7 +16,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, problem_body
+from service.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, ClientClosed, problem_body
 from service.logs import describe_exception
 
 log = logging.getLogger("service.access")
@@ -112,6 +112,8 @@ class RequestContextMiddleware:
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 2),
                     "key_id": state.get("key_id"),
+                    # 499: the client hung up before its answer; an ordinary event, logged like any answer
+                    **({"outcome": "client_closed"} if status == ClientClosed.status else {}),
                 },
             )
 

@@ -12,11 +12,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.batcher import Prediction
+from service.clients import ClientWatch
 from service.errors import PROBLEM_CONTENT_TYPE, NotAcceptable
 from service.explain import OOD_WARNING, enforce, ood_check
 from service.hospital.dicom import decode_dicom
 from service.imaging import DecodedImage
-from service.media import pick_decoder, pick_renderer, read_body, render_dicom_sr
+from service.media import pick_decoder, pick_renderer, render_dicom_sr
 from service.runtime import Runtime
 from service.schemas import (
     ClassifyResponse,
@@ -75,10 +76,11 @@ _CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing or invalid API key"),
         (403, "API key not allowed here (a metrics-only key)"),
         (406, "No acceptable response format"),
+        (408, "Upload too slow or too long (LESIONSERVE_BODY_*); the connection is closed"),
         (413, "Too many bytes or pixels"),
         (415, "Unsupported content type"),
         (422, "The image looks unlike the training data (LESIONSERVE_OOD_POLICY=reject)"),
-        (503, "Overloaded, warming up or shutting down (see Retry-After)"),
+        (503, "Overloaded (queue, decode queue or uploads), warming up or shutting down (see Retry-After)"),
         (504, "Deadline passed"),
     ]
 }
@@ -105,8 +107,10 @@ async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> R
     """
     start = time.perf_counter()
     render = pick_renderer(request.headers.get("accept"))  # 406 before any work is done
-    async with rt.work() as deadline:
-        body = await read_body(request, rt.settings.max_upload_bytes)
+    declared = request.headers.get("content-length")
+    async with rt.work(), ClientWatch(request.receive, rt.uploads, declared) as client:
+        body = await client.read_body(rt.settings.max_upload_bytes)  # 408/413/499/503 (service.clients)
+        deadline = time.monotonic() + rt.settings.request_timeout_s  # the upload had its own (body_timeout_s)
         request.state.upload = body  # the audit line keeps its sha256 and length, never the bytes
         decoder, data = await pick_decoder(request.headers, body)
         if render is render_dicom_sr and decoder is not decode_dicom:

@@ -27,6 +27,7 @@ from service import metrics
 from service.audit import AuditLog
 from service.auth import ApiKeys
 from service.batcher import Batcher, Prediction, Target
+from service.clients import Uploads
 from service.config import Settings
 from service.contract import ModelMetadata
 from service.decodepool import DecodePool
@@ -109,6 +110,7 @@ class Runtime:
             pad=settings.pad_enabled(model.provider),
         )
         self._pool = DecodePool(settings.resolved_decode_threads(), settings.decode_queue_size)
+        self.uploads = Uploads(settings)  # bodies read under a cap, a deadline and a minimum rate
         self.ready = threading.Event()
         self.draining = False
         self.in_flight = 0
