@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -153,6 +153,7 @@ class Batcher:
         self.pad = pad
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=queue_size)
         self._incoming = 0  # requests admitted and still decoding: worth waiting for
+        self._between: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lesionserve-batcher", daemon=True)
@@ -171,6 +172,17 @@ class Batcher:
         for n in self.sizes:
             target.run(np.zeros((n, *target.input_shape), dtype=np.uint8))
         return self.sizes
+
+    def run_between(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the worker thread between two batches, one such call per batch.
+
+        A model swap warms up its new session this way: one model run at a time, so a waiting request
+        is delayed by at most one run of the new model instead of sharing the cores with it for the
+        whole warm-up. The worker must be running (:meth:`start`).
+        """
+        future: Future[T] = Future()
+        self._between.put((fn, future))
+        return future
 
     def expect(self, delta: int) -> None:
         """Announce (+1) or retract (-1) an image that is being decoded."""
@@ -210,9 +222,24 @@ class Batcher:
 
     def _loop(self) -> None:
         while not (self._stop.is_set() and self._queue.empty()):
-            batch = collect_batch(self._queue, self.max_batch, self.max_wait_s, 0.05, self._more_coming)
+            self._one_between()
+            idle_wait = 0.0 if not self._between.empty() else 0.05  # a pending call need not wait for traffic
+            batch = collect_batch(self._queue, self.max_batch, self.max_wait_s, idle_wait, self._more_coming)
             metrics.QUEUE_DEPTH.set(self._queue.qsize())
             self._process_groups(batch)
+        while not self._between.empty():  # stopped: nobody will run them
+            self._between.get_nowait()[1].cancel()
+
+    def _one_between(self) -> None:
+        try:
+            fn, future = self._between.get_nowait()
+        except queue.Empty:
+            return
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller, who names the failed check
+                future.set_exception(exc)
 
     def _process_groups(self, batch: list[Pending]) -> None:
         # A method, not inline in the loop: no variable outlives the batch, so an idle worker keeps no

@@ -184,7 +184,7 @@ class Runtime:
         try:
             sizes = self.batcher.warm_up()
             served = self.served
-            served.canary_top = canary(served.target, served.meta.classes, self.settings.max_pixels)
+            served.canary_top = canary(served.target, served.meta.classes)
         except Exception as exc:
             self.warm_up_error = f"{type(exc).__name__}"
             # A failed canary check says which image and why (no patient data: bundled images, numbers).

@@ -43,6 +43,9 @@ class ReloadResponse(BaseModel):
     seconds: float
     forced_changes: list[str] = Field(default_factory=list)
     canary: CanaryResult | None = None
+    step_seconds: dict[str, float] = Field(
+        default_factory=dict, description="load, warm_up (every batch shape) and canary, each run between two batches"
+    )
 
 
 def require_admin(request: Request, rt: RuntimeDep) -> None:

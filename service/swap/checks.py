@@ -8,7 +8,7 @@ that sum to 1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,11 @@ from service.metrics import ReloadResult
 if TYPE_CHECKING:  # service.runtime runs the canary at start: no import cycle at run time
     from service.runtime import Served
 
+# How a check's model run is executed: directly (at start), or by the batcher's worker between two batches
+# (a swap: service.batcher.Batcher.run_between), so that serving and checking never run at the same time.
+Execute = Callable[[Callable[[], ModelOutput]], ModelOutput]
 CANARY_DIR = Path(__file__).with_name("canary")
+CANARY_MAX_PIXELS = 1 << 24  # our own 320x240 files: LESIONSERVE_MAX_PIXELS is a limit on callers, not on them
 # float32 softmax rows sum to 1 within ~1e-6; 1e-3 tolerates a sum of per-view means, never a missing softmax.
 SUM_TOLERANCE = 1e-3
 
@@ -63,9 +67,13 @@ def _check_output(out: ModelOutput, n: int, k: int) -> str | None:
     return None
 
 
-def _run(target: Target, batch: np.ndarray, check: ReloadResult) -> ModelOutput:
+def direct(fn: Callable[[], ModelOutput]) -> ModelOutput:
+    return fn()
+
+
+def _run(target: Target, batch: np.ndarray, check: ReloadResult, execute: Execute) -> ModelOutput:
     try:
-        return target.run(batch)
+        return execute(lambda: target.run(batch))
     except Exception as exc:  # ORT raises several types; one line for the operator
         reason = (str(exc).splitlines() or [""])[0][:200]
         raise ModelRejected(
@@ -73,10 +81,10 @@ def _run(target: Target, batch: np.ndarray, check: ReloadResult) -> ModelOutput:
         ) from exc
 
 
-def warm_up(target: Target, sizes: list[int], classes: int) -> None:
+def warm_up(target: Target, sizes: list[int], classes: int, execute: Execute = direct) -> None:
     """Run every batch shape the batcher can form once (first runs allocate and tune), checking each answer."""
     for n in sizes:
-        out = _run(target, np.zeros((n, *target.input_shape), dtype=np.uint8), ReloadResult.WARM_UP)
+        out = _run(target, np.zeros((n, *target.input_shape), dtype=np.uint8), ReloadResult.WARM_UP, execute)
         problem = _check_output(out, n, classes)
         if problem is not None:
             raise ModelRejected(ReloadResult.WARM_UP, f"warm-up, batch of {n}: {problem}")
@@ -87,7 +95,7 @@ def canary_images() -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in sorted(CANARY_DIR.glob("*.jpg"))]
 
 
-def canary(target: Target, classes: list[str], max_pixels: int) -> list[str]:
+def canary(target: Target, classes: list[str], execute: Execute = direct) -> list[str]:
     """Run the canary images (one at a time: batch 1 is a warmed-up shape); returns each one's top class.
 
     Raises:
@@ -96,8 +104,8 @@ def canary(target: Target, classes: list[str], max_pixels: int) -> list[str]:
     size = target.input_shape[0]
     tops = []
     for name, data in canary_images():
-        pixels = decode_image(data, size, max_pixels).pixels
-        out = _run(target, pixels[None], ReloadResult.CANARY)
+        pixels = decode_image(data, size, CANARY_MAX_PIXELS).pixels
+        out = _run(target, pixels[None], ReloadResult.CANARY, execute)
         problem = _check_output(out, 1, len(classes))
         row = _probabilities(out)[0] if problem is None else None
         if row is not None and not np.isfinite(row).all():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service import metrics
+from service.batcher import ModelOutput
 from service.errors import ModelNotReady, ModelPathRefused, ModelRejected, ReloadInProgress, ServiceError
 from service.inference import InferenceModel, ModelLoadError
 from service.metrics import ReloadResult
@@ -121,6 +122,8 @@ class Reloader:
 
     def _swap(self, path: Path, force: bool) -> dict[str, Any]:
         runtime, serving = self.runtime, self.runtime.served
+        steps: dict[str, float] = {}  # seconds per step, for the answer and the log
+        started = time.perf_counter()
         try:
             model = self.load(path)
         except ModelLoadError as exc:
@@ -137,8 +140,17 @@ class Reloader:
             new = runtime.serve(model, path)
         except ModelLoadError as exc:  # the settings need something the file lacks (e.g. OOD_POLICY=reject)
             raise ModelRejected(ReloadResult.CONTRACT, str(exc)) from None
-        checks.warm_up(new.target, runtime.batcher.sizes, len(new.meta.classes))
-        new.canary_top = checks.canary(new.target, new.meta.classes, runtime.settings.max_pixels)
+
+        # Each check run is done by the batcher's worker between two batches: serving never shares the cores
+        # with the checks, and a waiting request is delayed by at most one run.
+        def between(fn: Callable[[], ModelOutput]) -> ModelOutput:
+            return runtime.batcher.run_between(fn).result()
+
+        steps["load"] = time.perf_counter() - started
+        checks.warm_up(new.target, runtime.batcher.sizes, len(new.meta.classes), between)
+        steps["warm_up"] = time.perf_counter() - started - steps["load"]
+        new.canary_top = checks.canary(new.target, new.meta.classes, between)
+        steps["canary"] = time.perf_counter() - started - steps["load"] - steps["warm_up"]
         changed = (  # the serving model's canary ran when it started serving (never re-run beside live traffic)
             sum(a != b for a, b in zip(serving.canary_top, new.canary_top, strict=True))
             if serving.canary_top is not None
@@ -154,6 +166,7 @@ class Reloader:
             "path": str(path),
             "forced_changes": changes,
             "canary": {"images": len(new.canary_top), "top_class_changed": changed},
+            "step_seconds": {k: round(v, 3) for k, v in steps.items()},
         }
 
 

@@ -163,7 +163,11 @@ def test_reload_switches_answers_metrics_and_models_to_the_new_file(
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["result"] == "success" and body["trigger"] == "api"
-    assert body["model"] == {"name": "tiny-test-model", "version": "2.0.0", "sha256": sha(models_dir / "b.onnx")}
+    assert {k: body["model"][k] for k in ("name", "version", "sha256")} == {
+        "name": "tiny-test-model",
+        "version": "2.0.0",
+        "sha256": sha(models_dir / "b.onnx"),
+    }
     assert body["previous"]["version"] == "1.0.0"
     assert body["canary"]["images"] == len(checks.canary_images()) == 4
     assert 0 <= body["canary"]["top_class_changed"] <= 4
@@ -436,3 +440,64 @@ def test_unbound_submissions_follow_the_batchers_current_target() -> None:
     finally:
         batcher.close(5)
     assert (old.batches, new.batches) == ([1], [1])
+
+
+class CountingModel(FakeModel):
+    """A fake model that records how many model runs (of any instance) are in progress at once."""
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def __init__(self, sha256: str) -> None:
+        super().__init__()
+        self.sha256 = sha256  # type: ignore[misc]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        with CountingModel.lock:
+            CountingModel.running += 1
+            CountingModel.most = max(CountingModel.most, CountingModel.running)
+        try:
+            time.sleep(0.01)  # long enough for a concurrent run to overlap, were there one
+            return super().run(batch)
+        finally:
+            with CountingModel.lock:
+                CountingModel.running -= 1
+
+
+def test_a_swaps_checks_run_between_batches_never_beside_one(served_app: Callable[..., TestClient]) -> None:
+    """Warm-up and canary runs of the new model are done by the batcher's worker between two batches."""
+    old, new = CountingModel("1" * 64), CountingModel("2" * 64)
+    client = TestClient(create_app(client_settings(served_app), model=old), raise_server_exceptions=False)
+    with client:
+        wait_ready(client)
+        client.app.state.reloader.load = lambda path: new  # type: ignore[attr-defined]
+        CountingModel.most = 0
+        stop = threading.Event()
+        shas: list[str] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                shas.append(served_sha(client))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: len(shas) >= 8, "traffic on the old model")
+            resp = client.post(RELOAD, headers=ADMIN)
+            wait_for(lambda: shas.count("2" * 64) >= 8, "traffic on the new model")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+    assert resp.status_code == 200, resp.text
+    assert new.batches[:4] == [1, 2, 3, 4] and new.batches[4:8] == [1, 1, 1, 1]  # warm-up, then the canary
+    assert CountingModel.most == 1  # never two model runs at once, though 4 clients kept the old model busy
+
+
+def client_settings(served_app: Callable[..., TestClient]) -> Settings:
+    """The settings ``served_app`` uses (its first client's), for an app built around a fake model."""
+    probe = served_app()
+    settings: Settings = probe.app.state.runtime.settings  # type: ignore[attr-defined]
+    return settings
