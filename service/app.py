@@ -17,6 +17,7 @@ from service.config import Settings
 from service.errors import install_error_handlers
 from service.hospital.dicomweb import router as dicomweb_router
 from service.hospital.dimse import start_dicom_node
+from service.hospital.sr import warm_up_in_background as sr_warm_up_in_background
 from service.inference import InferenceModel, OnnxModel
 from service.logs import guard_third_party_output
 from service.middleware import RequestContextMiddleware
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None, model: InferenceModel | None = 
         # The DICOM node lives in this process: one batcher and one session whatever the entry (DESIGN.md).
         node = start_dicom_node(settings, runtime, asyncio.get_running_loop()) if settings.dimse_enabled else None
         app.state.dicom_node = node
+        if settings.dimse_enabled or settings.dicomweb_enabled:
+            sr_warm_up_in_background()  # highdicom's tables: 1-2 s once, at start rather than in the first SR
         yield
         if node is not None:
             node.stop()  # after the drain, before the batcher stops

@@ -248,6 +248,7 @@ async def stow(request: Request, rt: RuntimeDep, origin: OriginDep) -> Response:
         audit_instance(
             rt, entry=metrics.PacsEntry.STOW_RS, request_id=request_id, data=data, error=error, latency_s=seconds,
             identifiers=identifiers, channel={"status": dicom_status, "sr": sr_state, "request": request.state.request_id},
+            answer=answer, key_id=getattr(request.state, "key_id", None),
         )  # fmt: skip
     dataset: dict[str, Any] = {}
     if referenced:
@@ -298,6 +299,7 @@ async def classify_from_origin(
     sr_state, identifiers = "none", {"SOPInstanceUID": body.sop_instance_uid}
     sr: Dataset | None = None
     sr_ref: SrRef | None = None
+    answer: ClassifyResponse | None = None
     try:
         data = await run_in_threadpool(
             origin.fetch, body.study_instance_uid, body.series_instance_uid, body.sop_instance_uid
@@ -322,6 +324,7 @@ async def classify_from_origin(
         audit_instance(
             rt, entry=metrics.PacsEntry.WADO_RS, request_id=request_id, data=data, error=error,
             latency_s=time.perf_counter() - start, identifiers=identifiers, channel={"status": status, "sr": sr_state},
+            answer=answer, key_id=getattr(request.state, "key_id", None),
         )  # fmt: skip
     if render is render_dicom_sr:
         content = sr_bytes(sr) if sr is not None else await run_in_threadpool(_sr_file, answer, data)

@@ -56,8 +56,9 @@ from service.hospital.pacs import (
     new_request_id,
     valid_uid,
 )
-from service.hospital.sr import make_sr, warm_up
+from service.hospital.sr import make_sr
 from service.runtime import Runtime
+from service.schemas import ClassifyResponse
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ class StorageScp:
         identifiers: dict[str, str] = {"SOPInstanceUID": sop_uid} if sop_uid else {}
         data: bytes | None = None
         error: BaseException | None = None
+        answer: ClassifyResponse | None = None
         status, sr_state = SUCCESS, "none"
         try:
             data = event.encoded_dataset(include_meta=True)
@@ -247,15 +249,16 @@ class StorageScp:
         finally:
             audit_instance(
                 self.runtime, entry=ENTRY, request_id=request_id, data=data, error=error,
-                latency_s=time.perf_counter() - start, identifiers=identifiers,
+                latency_s=time.perf_counter() - start, identifiers=identifiers, answer=answer,
                 channel={"calling_ae": calling, "dimse_status": f"0x{status:04X}", "sr": sr_state},
             )  # fmt: skip
 
-    def _classify(self, data: bytes, request_id: str) -> Any:
+    def _classify(self, data: bytes, request_id: str) -> ClassifyResponse:
         future = asyncio.run_coroutine_threadsafe(classify_instance(self.runtime, data, request_id), self.loop)
         try:
             # The coroutine keeps its own deadline (REQUEST_TIMEOUT_S); this bound only guards a stopped loop.
-            return future.result(timeout=self.settings.request_timeout_s + 5.0)
+            answer: ClassifyResponse = future.result(timeout=self.settings.request_timeout_s + 5.0)
+            return answer
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise DeadlineExceeded("no answer within the request deadline") from None
@@ -281,5 +284,4 @@ def start_dicom_node(settings: Settings, runtime: Runtime, loop: asyncio.Abstrac
     """Build and start the Storage SCP (raises OSError when the port is taken: the service does not start)."""
     scp = StorageScp(settings, runtime, loop)
     scp.start()
-    threading.Thread(target=warm_up, name="lesionserve-sr-warmup", daemon=True).start()
     return scp

@@ -122,16 +122,22 @@ def audit_instance(
     latency_s: float,
     identifiers: Mapping[str, str] | None,
     channel: Mapping[str, str],
+    answer: ClassifyResponse | None = None,
+    key_id: str | None = None,
 ) -> None:
-    """One audit line and the instance counter for one received instance."""
+    """One audit line and the instance counter for one received instance.
+
+    The model named is the answer's (the one that made it, across a hot swap); ``key_id`` is the API key
+    id of an HTTP entry (DIMSE has none: the calling AE title is in ``channel``).
+    """
     metrics.DICOM_INSTANCES_TOTAL.labels(entry=entry.value, outcome=outcome_of(error).value).inc()
     if rt.audit is None:
         return
     status = 200 if error is None else (error.status if isinstance(error, ServiceError) else 500)
     problem = error.type_uri() if isinstance(error, ServiceError) else ("internal" if error else None)
-    model = {"name": rt.meta.name, "version": rt.meta.version, "sha256": rt.model.sha256}
+    model = answer.model.model_dump() if answer is not None and error is None else None
     rt.audit.record(
-        request_id=request_id, key_id=None, model=model if error is None else None, body=data,
+        request_id=request_id, key_id=key_id, model=model, body=data,
         content_type=DICOM_CONTENT_TYPE, status=status, problem_type=problem, latency_ms=latency_s * 1000,
         identifiers=identifiers, channel={"entry": entry.value, **channel},
     )  # fmt: skip

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import uuid
 from collections.abc import Sequence
 
@@ -304,6 +305,13 @@ def warm_up() -> None:
         sr_bytes(build_sr(answer, source))
     except Exception as exc:  # best effort: a real call reports its own errors
         log.warning("SR warm-up failed", extra={"error": type(exc).__name__})
+
+
+def warm_up_in_background() -> threading.Thread:
+    """:func:`warm_up` in a daemon thread (the model warms up meanwhile; /readyz waits for that, not this)."""
+    thread = threading.Thread(target=warm_up, name="lesionserve-sr-warmup", daemon=True)
+    thread.start()
+    return thread
 
 
 def sr_bytes(sr: Dataset) -> bytes:

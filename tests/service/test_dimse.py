@@ -152,6 +152,7 @@ def test_committed_dicoms_come_back_as_srs_in_their_study(
     for line in stores:
         assert line["channel"] == {"entry": "dimse", "calling_ae": SCU_AET, "dimse_status": "0x0000", "sr": "stored"}
         assert len(line["dicom"]["SOPInstanceUID"]) == 64  # hashed
+        assert line["model"]["sha256"] == client.get("/v1/models").json()["models"][0]["sha256"]
     # patient attributes go into the SR only: not into the audit trail, not into any log record
     for text in (audit.read_text(), caplog.text):
         assert all(str(s.PatientName) not in text and str(s.PatientID) not in text for s in sources)

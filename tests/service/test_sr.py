@@ -26,6 +26,7 @@ from service.hospital.sr import (
     class_concept,
     source_header,
     sr_bytes,
+    warm_up,
 )
 from service.schemas import (
     ClassifyResponse,
@@ -189,3 +190,8 @@ def test_classify_sr_for_a_ct_is_415(client_factory: Callable[..., TestClient]) 
         "/v1/classify", content=ct, headers={"content-type": "application/dicom", "accept": "application/dicom"}
     )
     assert r.status_code == 415 and "CT Image Storage" in r.json()["detail"]
+
+
+def test_warm_up_builds_an_sr_without_failing(caplog: pytest.LogCaptureFixture) -> None:
+    warm_up()
+    assert not [r for r in caplog.records if "warm-up failed" in r.getMessage()]
