@@ -101,9 +101,12 @@ def canary(target: Target, classes: list[str], execute: Execute = direct) -> lis
     Raises:
         ModelRejected: a row is not finite, leaves [0, 1], or does not sum to 1.
     """
+    images = canary_images()
+    if not images:  # an install without the package data would otherwise pass every model unchecked
+        raise ModelRejected(ReloadResult.CANARY, f"no canary images in {CANARY_DIR}: the installation is incomplete")
     size = target.input_shape[0]
     tops = []
-    for name, data in canary_images():
+    for name, data in images:
         pixels = decode_image(data, size, CANARY_MAX_PIXELS).pixels
         out = _run(target, pixels[None], ReloadResult.CANARY, execute)
         problem = _check_output(out, 1, len(classes))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import threading
@@ -27,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.batcher import Batcher, Pending, Target, by_target
 from service.config import Settings
-from service.errors import PROBLEM_BASE
+from service.errors import PROBLEM_BASE, ModelRejected
 from service.inference import OnnxModel
 from service.runtime import Runtime
 from service.swap import checks
@@ -219,6 +220,26 @@ def test_a_bad_file_is_refused_naming_the_check_and_the_old_model_serves_on(
     assert reloads(client, check) == failed_before + 1
     refused = [r for r in caplog.records if r.getMessage().startswith("model reload refused")]
     assert [getattr(r, "check", None) for r in refused] == [check]
+
+
+def test_audit_lines_name_the_model_that_answered(
+    served_app: Callable[..., TestClient], models_dir: Path, tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    client = served_app(audit_log=str(audit))
+    first = served_sha(client)
+    assert client.post(RELOAD, json={"path": "b.onnx"}, headers=ADMIN).status_code == 200
+    second = served_sha(client)
+    client.__exit__(None, None, None)  # closes the audit trail
+    lines = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+    assert [line["model"]["sha256"] for line in lines] == [first, second] != [first, first]
+
+
+def test_without_canary_images_no_model_passes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(checks, "CANARY_DIR", tmp_path)  # an install that lost its package data
+    model = OnnxModel.load(model_v(tmp_path / "m.onnx", "1.0.0", 1), ["CPUExecutionProvider"])
+    with pytest.raises(ModelRejected, match="no canary images"):
+        checks.canary(Target(model.run, (32, 32, 3)), model.metadata.classes)
 
 
 def test_force_accepts_a_new_class_list_and_answers_use_it(

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
+from tests.deploy.conftest import stop_process
 from tests.service.conftest import jpeg_bytes
 from tests.service.test_lifecycle import free_port
 from tests.service.test_swap import (
@@ -76,12 +77,7 @@ def serving(models: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[byt
         yield base, proc
         assert proc.poll() is None, log.read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 @pytest.mark.slow
