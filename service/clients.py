@@ -244,15 +244,13 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped (see LINGER_S)
+        if self._header_timer is None and self.conn.their_state is h11.IDLE:
+            # The first bytes of the next head on a kept-alive connection (while it sat idle, uvicorn's
+            # keep-alive timeout was the one running).
+            self._arm_header_timer()
         super().data_received(data)
         if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
             self._disarm_header_timer()  # the head is in; the body has the app's own rules
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # Keep-alive: the next head gets the same time (uvicorn's keep-alive timeout closes an idle one sooner).
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
