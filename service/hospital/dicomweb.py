@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from collections.abc import Sequence
 from email.message import Message
@@ -42,6 +43,7 @@ from service.errors import (
     OriginFailed,
     PayloadTooLarge,
     ResultNotDelivered,
+    ServiceError,
     UnsupportedMediaType,
 )
 from service.hospital.pacs import (
@@ -64,6 +66,7 @@ WADO_CLASSIFY_ROUTE = "/v1/classify/dicomweb"
 UID_PATTERN = r"^[0-2](\.(0|[1-9][0-9]*))+$"
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 # --- the origin (the PACS's DICOMweb service) ------------------------------------------------------
@@ -201,6 +204,8 @@ async def _stow_one(rt: Runtime, media_type: str, data: bytes, gate: asyncio.Sem
         return answer, sr, None, request_id, time.perf_counter() - start
     except Exception as exc:
         count_refusal(exc)
+        if not isinstance(exc, ServiceError):  # a fault of ours, answered 0110: logged once, by type only
+            log.error("STOW-RS instance failed", extra={"error": type(exc).__name__})
         return None, None, exc, request_id, time.perf_counter() - start
 
 

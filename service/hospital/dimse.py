@@ -21,7 +21,8 @@ that it can be refused per instance. Refusals:
 - an instance that fails inside an accepted context: a C-STORE failure status with an Error Comment
   (:func:`service.hospital.pacs.failure_status`).
 
-The C-STORE response is sent after the SR has been stored at ``DIMSE_DESTINATION``: success means
+The C-STORE response is sent after the SR has been stored at ``DIMSE_DESTINATION`` (over one association
+per incoming association): success means
 the result is in the PACS; if it could not be delivered the sender gets Processing Failure (0110) and
 still holds the image to resend. Each instance and each refused association or context gets an audit
 line; metrics count associations, refused contexts, instances and SR deliveries.
@@ -73,7 +74,7 @@ _SR_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 class SrSender:
-    """Sends SRs to one destination AE, one association per SR (C-STORE, then release)."""
+    """Sends SRs to one destination AE over associations it opens (C-STORE, status checked)."""
 
     def __init__(self, own_ae_title: str, destination: str, timeout_s: float) -> None:
         self.ae_title, self.host, self.port = parse_destination(destination)
@@ -81,19 +82,24 @@ class SrSender:
         self._ae.add_requested_context(ComprehensiveSRStorage, _SR_SYNTAXES)
         self._ae.acse_timeout = self._ae.dimse_timeout = self._ae.network_timeout = timeout_s
 
-    def send(self, sr: Dataset) -> None:
-        """C-STORE ``sr``.
+    def connect(self) -> Any:
+        """An established association with the destination.
 
         Raises:
-            ResultNotDelivered: the association was refused or the status is not a stored one.
+            ResultNotDelivered: refused, or no answer.
         """
         assoc = self._ae.associate(self.host, self.port, ae_title=self.ae_title)
         if not assoc.is_established:
             raise ResultNotDelivered(f"the SR destination {self.ae_title} refused or did not answer the association")
-        try:
-            status = assoc.send_c_store(sr)
-        finally:
-            assoc.release()
+        return assoc
+
+    def send_over(self, assoc: Any, sr: Dataset) -> None:
+        """C-STORE ``sr`` over ``assoc``.
+
+        Raises:
+            ResultNotDelivered: the status is not a stored one, or none came (the association broke).
+        """
+        status = assoc.send_c_store(sr)
         code = int(status.Status) if status is not None and "Status" in status else None
         if code not in _STORED:
             shown = f"0x{code:04X}" if code is not None else "no answer"
@@ -135,6 +141,10 @@ class StorageScp:
         self._ae = ae
         self._server: Any = None
         self._open: set[int] = set()
+        # One association to the destination per incoming association, opened at its first SR and released
+        # when the incoming one closes: a study sent over one association gets its SRs over one too (an
+        # association per SR cost more than the C-STORE itself). Used only by the incoming one's thread.
+        self._outgoing: dict[int, Any] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -163,6 +173,10 @@ class StorageScp:
             return
         for assoc in list(self._server.active_associations):
             assoc.abort()
+        for out in list(self._outgoing.values()):
+            if out.is_established:
+                out.release()
+        self._outgoing.clear()
         self._server.shutdown()
         self._server = None
 
@@ -198,6 +212,7 @@ class StorageScp:
         self._audit_refusal(_REJECTED, 403, calling, {"reason": reason})
 
     def _on_closed(self, event: Any) -> None:
+        self._release_outgoing(event.assoc)
         with self._lock:
             was_open = id(event.assoc) in self._open
             self._open.discard(id(event.assoc))
@@ -236,7 +251,7 @@ class StorageScp:
             if answer.dicom is not None:
                 identifiers = dict(answer.dicom.identifiers)
             sr_state = "failed"
-            self.sender.send(make_sr(answer, data))
+            self._send_sr(event.assoc, make_sr(answer, data))
             sr_state = "stored"
             metrics.SR_DELIVERIES_TOTAL.labels(entry=ENTRY.value, outcome=metrics.SrOutcome.STORED.value).inc()
             return SUCCESS
@@ -252,6 +267,25 @@ class StorageScp:
                 latency_s=time.perf_counter() - start, identifiers=identifiers, answer=answer,
                 channel={"calling_ae": calling, "dimse_status": f"0x{status:04X}", "sr": sr_state},
             )  # fmt: skip
+
+    def _send_sr(self, incoming: Any, sr: Dataset) -> None:
+        """The SR over this incoming association's outgoing one (reopened once if the destination closed it)."""
+        out = self._outgoing.get(id(incoming))
+        if out is None or not out.is_established:  # first SR, or the destination released/aborted it meanwhile
+            out = self._outgoing[id(incoming)] = self.sender.connect()
+        try:
+            self.sender.send_over(out, sr)
+        except ResultNotDelivered:
+            if out.is_established:  # the destination answered: its status stands
+                raise
+            # the association broke under the C-STORE (idle timeout at the PACS): once more on a new one
+            out = self._outgoing[id(incoming)] = self.sender.connect()
+            self.sender.send_over(out, sr)
+
+    def _release_outgoing(self, incoming: Any) -> None:
+        out = self._outgoing.pop(id(incoming), None)
+        if out is not None and out.is_established:
+            out.release()
 
     def _classify(self, data: bytes, request_id: str) -> ClassifyResponse:
         future = asyncio.run_coroutine_threadsafe(classify_instance(self.runtime, data, request_id), self.loop)

@@ -49,9 +49,12 @@ class SrSink:
         self.port = free_port()
         ae = AE(ae_title=DEST_AET)
         ae.add_supported_context(ComprehensiveSRStorage, [ExplicitVRLittleEndian])
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
-        )
+        self.associations = 0
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_ACCEPTED, self._accepted)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def _accepted(self, event: Any) -> None:
+        self.associations += 1
 
     def _store(self, event: Any) -> int:
         ds = event.dataset
@@ -127,6 +130,7 @@ def test_committed_dicoms_come_back_as_srs_in_their_study(
     statuses = send(port, sources)
     assert [int(s.Status) for s in statuses] == [0x0000] * len(DICOMS)
     assert len(sink.received) == len(DICOMS)
+    assert sink.associations == 1  # the SRs of one incoming association travel over one outgoing association
     by_source = {}
     for sr in sink.received:
         assert sr.SOPClassUID == ComprehensiveSRStorage and sr.Modality == "SR"
