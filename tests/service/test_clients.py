@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
+from service import clients
 from service.errors import PROBLEM_BASE
 from tests.service.conftest import FakeModel, jpeg_bytes
 
@@ -232,3 +233,28 @@ def test_uploads_beyond_the_cap_are_503_with_retry_after(client_factory: ClientF
         assert conn.finish()[0] == 200
     assert sample("lesionserve_uploads_reading") == 0
     assert client.post("/v1/classify", content=jpeg_bytes(), headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_fd_limit_is_raised_to_fit_the_connection_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = {"now": (1024, 4096)}
+    monkeypatch.setattr(clients.resource, "getrlimit", lambda _: limits["now"])
+    monkeypatch.setattr(clients.resource, "setrlimit", lambda _, value: limits.update(now=value))
+    assert clients.raise_fd_limit(2048) == 2048 + 256  # room for the sockets and the process's own files
+    assert limits["now"] == (2304, 4096)
+    limits["now"] = (1024, 1500)  # the hard limit is lower: as far as it goes
+    assert clients.raise_fd_limit(2048) == 1500
+    limits["now"] = (65536, 65536)  # already enough: left alone
+    assert clients.raise_fd_limit(2048) == 65536
+
+
+@pytest.mark.parametrize(
+    ("size", "elapsed_until", "error"),
+    [(0, 5.0, "UploadTooSlow"), (40_960, 10.0, "UploadTooSlow"), (10**9, 30.0, "UploadTimeout")],
+    ids=["nothing yet: the grace period", "10 s worth at 4 KiB/s", "fast: the total deadline"],
+)
+def test_upload_gives_up_at_the_rate_rule_or_the_deadline(
+    settings_factory: Callable[..., Any], size: int, elapsed_until: float, error: str
+) -> None:
+    uploads = clients.Uploads(settings_factory())  # defaults: 30 s, 4096 bytes/s after 5 s
+    at, exc = uploads.give_up_at(size, started=100.0)
+    assert (at - 100.0, exc.__name__) == (elapsed_until, error)

@@ -118,3 +118,18 @@ def test_connections_beyond_the_cap_are_503_with_retry_after(tmp_path: Path, tin
     assert (status, problem["type"]) == (503, PROBLEM_BASE + "too-many-connections")
     assert headers["retry-after"] == "1" and headers["connection"] == "close"
     assert refused == 1
+
+
+@pytest.mark.slow
+def test_kept_alive_connection_gets_the_header_timeout_for_its_next_head(tmp_path: Path, tiny_onnx: Path) -> None:
+    """After one answer the connection idles under uvicorn's keep-alive timeout; once the next head starts
+    arriving, the header timeout runs again (a slow head cannot hide behind an earlier request)."""
+    with served(tmp_path, tiny_onnx, header_timeout_s="1") as server:
+        sock = connect(server)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the second head never ends
+        status, headers, problem = problem_of(read_answer(sock))
+        sock.close()
+    assert first.startswith(b"HTTP/1.1 200")
+    assert (status, problem["type"], headers["connection"]) == (408, PROBLEM_BASE + "header-timeout", "close")
