@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 from tests.deploy.helpers import DEPLOY, exported_metric_names, find_tool, load_yaml, promql_metric_names, run_tool
@@ -60,51 +61,43 @@ def test_rule_unit_tests_fail_when_a_threshold_moves(tmp_path: Path) -> None:
     assert "LesionserveHighErrorRatio" in result.stdout + result.stderr
 
 
+def rule_test_with(tmp_path: Path, test_file: str, old: str, new: str) -> subprocess.CompletedProcess[str]:
+    """``promtool test rules`` of one test file against the rules with ``old`` replaced by ``new``."""
+    text = (PROM / "rules" / "lesionserve.rules.yml").read_text()
+    assert old in text, old
+    for folder in ("rules", "tests"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / "rules" / "lesionserve.rules.yml").write_text(text.replace(old, new))
+    shutil.copy(PROM / "tests" / test_file, tmp_path / "tests" / test_file)
+    return run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / test_file)])
+
+
 def test_ood_rule_tests_fail_when_the_share_or_traffic_floor_moves(tmp_path: Path) -> None:
     """The OOD surge alert's unit tests pin its 20% share and its 50-image floor."""
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "tests").mkdir()
-    text = (PROM / "rules" / "lesionserve.rules.yml").read_text()
-    shutil.copy(PROM / "tests" / "ood.test.yml", tmp_path / "tests" / "ood.test.yml")
     for old, new in (("          > 0.2\n", "          > 0.6\n"), (">= 50\n", ">= 5\n")):
-        assert old in text
-        (tmp_path / "rules" / "lesionserve.rules.yml").write_text(text.replace(old, new))
-        result = run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / "ood.test.yml")])
+        result = rule_test_with(tmp_path, "ood.test.yml", old, new)
         assert result.returncode != 0, f"{old.strip()} -> {new.strip()} went unnoticed"
         assert "LesionserveOutOfDistributionSurge" in result.stdout + result.stderr
 
 
 def test_reload_rule_tests_fail_when_successful_swaps_would_alert(tmp_path: Path) -> None:
     """The failed-reload alert's unit tests pin its filter: a successful or no-op reload is no failure."""
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "tests").mkdir()
-    text = (PROM / "rules" / "lesionserve.rules.yml").read_text()
     old = 'result!~"success|unchanged"'
-    assert old in text
-    shutil.copy(PROM / "tests" / "reload.test.yml", tmp_path / "tests" / "reload.test.yml")
     for new in ('result!~"unchanged"', 'result!~"success"'):
-        (tmp_path / "rules" / "lesionserve.rules.yml").write_text(text.replace(old, new))
-        result = run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / "reload.test.yml")])
+        result = rule_test_with(tmp_path, "reload.test.yml", old, new)
         assert result.returncode != 0, f"{old} -> {new} went unnoticed"
         assert "LesionserveModelReloadFailed" in result.stdout + result.stderr
 
 
 def test_client_rule_tests_fail_when_hang_ups_count_against_the_server(tmp_path: Path) -> None:
     """clients.test.yml pins that a 499 is neither a 5xx nor part of the 5xx ratio's denominator (issue 16)."""
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "tests").mkdir()
-    text = (PROM / "rules" / "lesionserve.rules.yml").read_text()
-    shutil.copy(PROM / "tests" / "clients.test.yml", tmp_path / "tests" / "clients.test.yml")
     broken = {
         "499 in the denominator": ('route=~"/v1/.*", status!="499"}[5m]', 'route=~"/v1/.*"}[5m]'),
         "499 counted as a failure": ('status=~"5.."}[5m]', 'status=~"5..|499"}[5m]'),
         "the spike as a page": ("          severity: info\n", "          severity: critical\n"),
     }
     for what, (old, new) in broken.items():
-        assert old in text, what
-        (tmp_path / "rules" / "lesionserve.rules.yml").write_text(text.replace(old, new))
-        result = run_tool([find_tool("promtool"), "test", "rules", str(tmp_path / "tests" / "clients.test.yml")])
-        assert result.returncode != 0, f"{what} went unnoticed"
+        assert rule_test_with(tmp_path, "clients.test.yml", old, new).returncode != 0, f"{what} went unnoticed"
 
 
 def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
