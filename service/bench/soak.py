@@ -3,14 +3,15 @@
 For ``--duration`` seconds it mixes, each kind on its own thread: good JPEG uploads at ``--rate`` per second;
 the bad inputs the tests know (undecodable, truncated, unsupported type, multipart without an image, empty);
 oversize bodies (declared and streamed); clients that hang up mid-upload and right after sending (mid-answer);
-uploads that trickle and request heads that never end. Then one SIGTERM. It asserts:
+uploads that trickle and request heads that never end. Then one SIGTERM, under traffic. It asserts:
 
 - every good request was answered 200 (or 503 with ``Retry-After`` / 504 under overload, counted apart);
 - zero 500s, and zero unhandled-error or traceback lines in the server log;
 - RSS growth between the end of the first quarter and the end under ``--rss-bound-mb``;
 - open file descriptors back to the idle baseline once every client has gone;
 - the server's metrics add up to what was sent (per status, 499s by stage, 408s, audit lines);
-- the SIGTERM drain exits 0.
+- SIGTERM while clients keep uploading: every request answered 200, or refused with 503 and ``Retry-After``
+  (or a refused connection once the listener closed), none cut off; the drain exits 0.
 
 Prints a JSON report; exits 1 when an assertion fails. ``tests/service/test_soak.py`` runs a short form in CI.
 """
@@ -216,6 +217,50 @@ def idle_fds(server: Server, within: float = 30) -> int:
     return fd_count(server.proc.pid)
 
 
+def sigterm_under_traffic(server: Server, images: list[bytes], clients: int = 6) -> tuple[int | None, Counter[str]]:
+    """SIGTERM while ``clients`` keep uploading; the exit code and what they saw.
+
+    Each client sends until it is refused: an admitted request must be answered 200, a refused one 503 with
+    ``Retry-After`` (draining) or, once the listener has closed, a refused connection. A request cut off
+    after it was sent (a read error) would be a lost one.
+    """
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+    first_answers = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            waited = False
+            for n in range(10_000):
+                try:
+                    resp = http.post(
+                        CLASSIFY, content=images[(i + n) % len(images)], headers={"content-type": "image/jpeg"}
+                    )
+                    outcome = str(resp.status_code)
+                    if resp.status_code == 503 and "retry-after" not in resp.headers:
+                        outcome = "503-without-retry-after"
+                except httpx.ConnectError:
+                    outcome = "refused-connection"
+                except httpx.TransportError as exc:
+                    outcome = f"cut-off-{type(exc).__name__}"
+                with lock:
+                    seen[outcome] += 1
+                if not waited:
+                    waited = True
+                    first_answers.wait(60)
+                if outcome != "200":
+                    return
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    first_answers.wait(60)  # every client has had one answer: traffic is flowing
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    return server.proc.wait(60), seen
+
+
 def statuses(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, int]:
     out: dict[str, int] = {}
     for (name, labels), value in samples.items():
@@ -284,8 +329,11 @@ def check(
         failures.append(
             f"{tally.sent['slow-head']} heads never ended; the server counted {header_timeouts} header timeouts"
         )
-    if len(audit_lines) != sum(server.values()):
-        failures.append(f"{len(audit_lines)} audit lines for {sum(server.values())} classify requests")
+    answered_in_drain = sum(v for k, v in report.get("sigterm_under_traffic", {}).items() if k in ("200", "503"))
+    if len(audit_lines) != sum(server.values()) + answered_in_drain:
+        failures.append(
+            f"{len(audit_lines)} audit lines for {sum(server.values()) + answered_in_drain} classify requests"
+        )
     closed = [a for a in audit_lines if a["outcome"]["status"] == 499]
     if any(a["outcome"]["problem"] != "https://lesionserve.dev/problems/client-closed" for a in closed):
         failures.append("a 499 audit line does not say the client closed")
@@ -295,6 +343,13 @@ def check(
         failures.append(f"{report['fds_end'] - report['fds_baseline']} file descriptors more than at the start")
     if report["exit_code"] != 0:
         failures.append(f"SIGTERM: exit code {report['exit_code']}")
+    lost = {
+        k: v
+        for k, v in report.get("sigterm_under_traffic", {}).items()
+        if k not in ("200", "503", "refused-connection")
+    }
+    if lost:
+        failures.append(f"SIGTERM under traffic: requests neither answered nor cleanly refused: {lost}")
     return failures
 
 
@@ -335,8 +390,7 @@ def soak(
         quarter = [mb for t, mb in rss if t >= took / 4] or [server.rss_mb()]
         rss_growth = round(max(quarter) - quarter[0], 1)
         pid = server.proc.pid
-        server.proc.send_signal(signal.SIGTERM)
-        exit_code = server.proc.wait(60)
+        exit_code, drain_seen = sigterm_under_traffic(server, images)
     finally:
         server.stop()
     log_text = log.read_text()
@@ -350,7 +404,7 @@ def soak(
         "hung_up_after_upload": int(gone_processing), "queued_images_skipped": int(skipped),
         "rss_mb_start": rss[0][1] if rss else None, "rss_mb_end": rss[-1][1] if rss else None,
         "rss_growth_mb": rss_growth, "fds_baseline": fds_baseline, "fds_end": fds_end, "exit_code": exit_code,
-        "drained": "drained: every admitted request was answered" in log_text,
+        "drained": "drained: every admitted request was answered" in log_text, "sigterm_under_traffic": dict(drain_seen),
     }  # fmt: skip
     report["failures"] = check(report, soak.tally, samples, log_text, audit_lines, rss_bound_mb)
     return report

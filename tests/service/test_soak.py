@@ -2,7 +2,7 @@
 
 About a minute: 40 s of mixed traffic (good uploads, bad inputs, oversize bodies, hang-ups mid-upload and
 mid-answer, trickling uploads, heads that never end) against a real ``python -m service`` with the tiny
-model, then SIGTERM. The long form's figures are in docs/service.md.
+model, then SIGTERM while uploads are still flowing. The long form's figures are in docs/service.md.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def test_short_soak_loses_nothing_and_every_figure_adds_up(tmp_path: Path, tiny_
     assert report["server_statuses"]["499"] >= sent["gone-mid-upload"]
     assert report["server_statuses"]["408"] == sent["slow-upload"]
     assert report["exit_code"] == 0 and report["drained"]
+    assert report["sigterm_under_traffic"].get("200", 0) > 0  # the signal came while uploads were flowing
 
 
 def test_the_checks_catch_what_the_soak_guards(tmp_path: Path) -> None:
@@ -49,6 +50,7 @@ def test_the_checks_catch_what_the_soak_guards(tmp_path: Path) -> None:
         ({**report, "fds_end": 19}, good, "", audit),  # a leaked descriptor
         ({**report, "rss_growth_mb": 100.0}, good, "", audit),  # memory growth
         ({**report, "exit_code": 1}, good, "", audit),  # SIGTERM not clean
+        ({**report, "sigterm_under_traffic": {"200": 3, "cut-off-ReadError": 1}}, good, "", audit),  # one lost
         (report, good, "", audit[:3]),  # a request without its audit line
         (report, {**good, good.__iter__().__next__(): 2.0}, "", audit),  # the metrics do not add up
     ]
