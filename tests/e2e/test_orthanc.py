@@ -35,6 +35,7 @@ from tests.service.test_dicom import make_dicom
 from tests.service.test_lifecycle import free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
+ROUTING_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "orthanc" / "route-to-lesionserve.lua"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOMS = sorted((TEST_DATA / "dicom").glob("*.dcm"))
 SCP_AET = "LESIONSERVE"
@@ -84,8 +85,10 @@ class Orthanc:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+def orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Orthanc]:
+    """Orthanc on free ports; parametrized indirectly with a Lua script's path, it runs that script."""
     need_orthanc()
+    lua: Path | None = getattr(request, "param", None)
     http_port, dicom_port, scp_port = free_port(), free_port(), free_port()
     storage = tmp_path / "orthanc-storage"
     storage.mkdir()
@@ -96,6 +99,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowEcho": True, "DicomCheckCalledAet": False, "DicomScuTimeout": 60,
         "DicomModalities": {"lesionserve": {"AET": SCP_AET, "Host": "127.0.0.1", "Port": scp_port}},
+        "LuaScripts": [str(lua)] if lua else [],
     }  # fmt: skip
     (tmp_path / "orthanc.json").write_text(json.dumps(config))
     log = (tmp_path / "orthanc.log").open("w")
@@ -263,3 +267,22 @@ def test_refused_by_the_scp_nothing_stored_clear_status_audit_line(
     assert ct_line["dicom"]["SOPInstanceUID"] and ct_line["outcome"]["status"] == 415
     (refused,) = [x for x in lines if x.get("channel", {}).get("dimse_status") == "0xC000"]
     assert refused["outcome"]["status"] == 415 and refused["dicom"]["SOPInstanceUID"]
+
+
+@pytest.mark.parametrize("orthanc", [ROUTING_SCRIPT], indirect=True, ids=["routing-script"])
+def test_the_documented_routing_script_sends_new_images_and_gets_srs_without_a_loop(
+    orthanc: Orthanc, lesionserve: tuple[TestClient, Path]
+) -> None:
+    client, audit = lesionserve
+    for path in DICOMS:  # stored in Orthanc as a modality would store them; the script does the rest
+        orthanc.upload(path.read_bytes())
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in DICOMS]
+    until = time.monotonic() + 120  # a wait for the routing jobs to finish, not a timing claim
+    while not all(orthanc.srs_in_study(s.StudyInstanceUID) for s in sources) and time.monotonic() < until:
+        time.sleep(0.5)
+    for path, source in zip(DICOMS, sources, strict=True):
+        (sr,) = orthanc.srs_in_study(source.StudyInstanceUID)
+        check_sr(sr, source, rest_top(client, path.read_bytes()))
+    stores = [x for x in audit_lines(audit) if x.get("channel", {}).get("entry") == "dimse"]
+    assert len(stores) == len(DICOMS)  # one C-STORE per image: the SRs were not routed back
+    assert orthanc.instance_count() == 2 * len(DICOMS)
