@@ -154,6 +154,7 @@ class Batcher:
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=queue_size)
         self._incoming = 0  # requests admitted and still decoding: worth waiting for
         self._between: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._between_s = 0.0  # how long the last such call took
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lesionserve-batcher", daemon=True)
@@ -178,7 +179,8 @@ class Batcher:
 
         A model swap warms up its new session this way: one model run at a time, so a waiting request
         is delayed by at most one run of the new model instead of sharing the cores with it for the
-        whole warm-up. The worker must be running (:meth:`start`).
+        whole warm-up. A call waits while the oldest queued request has less time left than two such
+        calls (it would miss its deadline behind one): serving first. The worker must be running (:meth:`start`).
         """
         future: Future[T] = Future()
         self._between.put((fn, future))
@@ -231,15 +233,22 @@ class Batcher:
             self._between.get_nowait()[1].cancel()
 
     def _one_between(self) -> None:
-        try:
-            fn, future = self._between.get_nowait()
-        except queue.Empty:
-            return
+        if self._between.empty() or self._oldest_slack() < 2 * self._between_s:
+            return  # the oldest waiting request could miss its deadline behind the call: serve it first
+        fn, future = self._between.get_nowait()
         if future.set_running_or_notify_cancel():
+            start = time.perf_counter()
             try:
                 future.set_result(fn())
             except BaseException as exc:  # handed to the caller, who names the failed check
                 future.set_exception(exc)
+            self._between_s = time.perf_counter() - start
+
+    def _oldest_slack(self) -> float:
+        """Seconds left before the oldest queued request's deadline (inf: none queued)."""
+        with self._queue.mutex:
+            oldest = self._queue.queue[0] if self._queue.queue else None
+        return math.inf if oldest is None else oldest.deadline - time.monotonic()
 
     def _process_groups(self, batch: list[Pending]) -> None:
         # A method, not inline in the loop: no variable outlives the batch, so an idle worker keeps no

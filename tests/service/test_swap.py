@@ -526,3 +526,22 @@ def client_settings(served_app: Callable[..., TestClient]) -> Settings:
     probe = served_app()
     settings: Settings = probe.app.state.runtime.settings  # type: ignore[attr-defined]
     return settings
+
+
+def test_a_check_run_waits_while_the_oldest_request_would_miss_its_deadline_behind_it() -> None:
+    """The worker is driven by hand (not started): each step is what one turn of its loop does."""
+    from service.batcher import collect_batch
+
+    model = FakeModel()
+    batcher = Batcher(model.run, (32, 32, 3), max_batch=1, max_wait_s=0.0, queue_size=8)
+    batcher._between_s = 5.0  # the last check run took 5 s
+    ran: list[str] = []
+    check = batcher.run_between(lambda: ran.append("check"))
+    tight = batcher.submit(np.zeros((32, 32, 3), np.uint8), time.monotonic() + 3)  # < 2 x 5 s left
+    batcher._one_between()
+    assert ran == [] and not check.done()  # postponed: the request would miss its deadline behind it
+    batcher._process_groups(collect_batch(batcher._queue, 1, 0.0, 0.0))
+    assert tight.result(1).batch_size == 1
+    relaxed = batcher.submit(np.zeros((32, 32, 3), np.uint8), time.monotonic() + 60)  # plenty of time left
+    batcher._one_between()
+    assert ran == ["check"] and check.done() and not relaxed.done()  # the check ran first
