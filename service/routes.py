@@ -119,7 +119,7 @@ async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> R
         if decoded.dicom is not None:
             request.state.identifiers = decoded.dicom.identifiers
         prediction = await rt.predict(decoded, deadline)
-        request.state.served = rt.bound(prediction)  # the audit line names the model that answered
+        request.state.model_ref = rt.bound(prediction).ref()  # the audit line names the model that answered
         ood = ood_check(rt.bound(prediction).meta, prediction.extras)
         enforce(ood, rt.settings.ood_policy)  # LESIONSERVE_OOD_POLICY=reject: 422
         explanation = await rt.explain(decoded, prediction, deadline) if explain else None

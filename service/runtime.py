@@ -225,8 +225,11 @@ class Runtime:
         if self.audit is None:
             return
         content_type = next((v.decode("latin-1") for k, v in headers if k == b"content-type"), None)
-        served = state.get("served")  # set by the route: the model that answered, even if swapped since
-        model = (served if isinstance(served, Served) else self.served).ref()
+        # Set by the route: the model that answered, even if swapped since. Its identity only, never the Served:
+        # uvicorn's request scope (which holds this state) sits in reference cycles that only the cyclic garbage
+        # collector frees, and a swapped-out session (hundreds of MB) must be freed when its last answer is out.
+        answered_by = state.get("model_ref")
+        model = answered_by if isinstance(answered_by, dict) else self.served.ref()
         self.audit.record(
             request_id=state.get("request_id", ""), key_id=state.get("key_id"), model=model if status < 400 else None,
             body=state.get("upload"), content_type=content_type, status=status,

@@ -109,9 +109,9 @@ def main() -> None:
                     calls.append(Call(start, time.monotonic(), outcome))
                 n += 1
 
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
     try:
         server.wait_ready()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
         for t in threads:
             t.start()
         gap = args.seconds / (args.swaps + 1)
@@ -130,6 +130,8 @@ def main() -> None:
         time.sleep(gap)
     finally:
         stop.set()
+        for t in threads:  # every client's last request answered before the server drains (no 503 of ours)
+            t.join(120)
         server.stop()
 
     def overlaps(c: Call) -> bool:

@@ -232,7 +232,7 @@ def test_audit_lines_name_the_model_that_answered(
     old = runtime.served
     assert client.post(RELOAD, json={"path": "b.onnx"}, headers=ADMIN).status_code == 200
     # what the middleware does once the old model's answer has gone out (the route left the model in state)
-    runtime.audit_request({"request_id": "answered-by-a", "served": old}, [], 200, 0.01)
+    runtime.audit_request({"request_id": "answered-by-a", "model_ref": old.ref()}, [], 200, 0.01)
     classify(client)
     client.__exit__(None, None, None)  # closes the audit trail
     lines = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]

@@ -6,6 +6,7 @@ Triggers: ``POST /v1/admin/models/reload`` with a path, then SIGHUP after the fi
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -136,3 +137,66 @@ def test_swaps_under_concurrent_load_fail_no_request_and_answers_follow_the_new_
         assert ranks == sorted(ranks), "a client got an answer from a model that had been swapped out"
     assert '"trigger": "sighup"' in output and '"trigger": "api"' in output
     assert all(min(me.count(x) for x in order) >= 5 for me in clients)  # every client met all three models
+
+
+@pytest.mark.slow
+def test_the_swapped_out_session_is_freed_without_waiting_for_the_cyclic_garbage_collector(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn's request scopes sit in reference cycles: nothing of a request may keep the old session alive.
+
+    A real uvicorn server (h11, as ``python -m service`` runs it) in this process, with the cyclic collector
+    off: the old model must be freed by reference counting alone once its requests are answered.
+    """
+    import gc
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.config import Settings
+
+    models = tmp_path / "models"
+    model_v(models / "a.onnx", "1.0.0", 1), model_v(models / "b.onnx", "2.0.0", 2)
+    settings = Settings(
+        model_path=models / "a.onnx", providers="CPUExecutionProvider", log_format="text", api_keys=KEYS,
+        admin_key_ids="ops", audit_log="off",
+    )  # type: ignore[call-arg]  # fmt: skip
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, http="h11", log_config=None)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+
+    def send(n: int) -> None:
+        with httpx.Client(base_url=base, headers=ADMIN, timeout=30) as http:
+            for _ in range(n):
+                resp = http.post("/v1/classify", content=jpeg_bytes(), headers={"content-type": "image/jpeg"})
+                assert resp.status_code == 200
+
+    gc.collect()
+    gc.disable()
+    try:
+        wait_for(lambda: _ready(base), "readiness", timeout=60)
+        clients = [threading.Thread(target=send, args=(10,)) for _ in range(4)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(60)
+        with caplog.at_level(logging.INFO, logger="service.swap.reloader"):
+            assert httpx.post(f"{base}{RELOAD}", json={"path": "b.onnx"}, headers=ADMIN, timeout=60).status_code == 200
+            send(2)  # the worker runs a batch of the new model: nothing of the old one is left in it
+            released = [r for r in caplog.records if r.getMessage() == "previous model released"]
+        assert len(released) == 1, "the old session is kept alive by a reference cycle"
+    finally:
+        gc.enable()
+        server.should_exit = True
+        thread.join(30)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
