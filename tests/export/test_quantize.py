@@ -58,7 +58,9 @@ def test_int8_file_is_quantised_described_and_close_to_fp32(fp32: Path, int8: Pa
     # ResNet-18 has 20 convolutions: all but the first two (--float-convs 2, the default) are stored as int8.
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert len(convs) == 20 and q.calibration["float_convs"] == 2
-    stored_int8 = [c for c in convs if c.input[1].removesuffix("_DequantizeLinear_Output") + "_quantized" in int8_weights]
+    stored_int8 = [
+        c for c in convs if c.input[1].removesuffix("_DequantizeLinear_Output") + "_quantized" in int8_weights
+    ]
     assert [c.name for c in convs if c not in stored_int8] == [c.name for c in convs[:2]]
     x = load_images(sorted(DEFAULT_IMAGES.rglob("*.jpg")), meta.input_size)
     p8, p32 = probs(int8, x), probs(fp32, x)
