@@ -53,6 +53,11 @@ class DecoderCalled(BaseException):
 @pytest.fixture
 def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any pixel decode fail loudly: a refusal that still decodes would raise DecoderCalled."""
+    forbid_decoding(monkeypatch)
+
+
+def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`no_decoding` from a test's body: after a service has started (its canary decodes JPEGs)."""
 
     def boom(*args: object, **kwargs: object) -> None:
         raise DecoderCalled("a pixel decoder was called")

@@ -17,7 +17,7 @@ from service.bench.streams import TS, pattern
 from service.errors import InvalidImage, PayloadTooLarge
 from service.hospital.dicom import read_dicom
 from service.imaging import decode_budget, decode_image
-from tests.service.test_dicom import no_decoding  # noqa: F401  # the fixture: every pixel decoder raises
+from tests.service.test_dicom import forbid_decoding, no_decoding  # noqa: F401  # the fixture: every pixel decoder raises
 
 ClientFactory = Callable[..., TestClient]
 IMG = pattern(48, 64)
@@ -42,14 +42,15 @@ BOMBS = {
 
 
 @pytest.mark.parametrize("kind", sorted(BOMBS))
-@pytest.mark.usefixtures("no_decoding")
 def test_codestream_larger_than_its_dicom_header_is_400_without_decoding(
-    client_factory: ClientFactory, kind: str
+    client_factory: ClientFactory, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ts, photometric, make = BOMBS[kind]
     data = streams.dicom([make()], 48, 64, ts, photometric)  # the header says 64x48
     assert len(data) < 10_000
-    body = classify(client_factory(), data)
+    client = client_factory()  # started first: the swap canary decodes its JPEGs at start
+    forbid_decoding(monkeypatch)
+    body = classify(client, data)
     assert body["_status"] == 400, body
     assert "30000x30000" in str(body["detail"]) and "64x48" in str(body["detail"])
 
@@ -89,11 +90,14 @@ def test_native_pixel_data_shorter_than_declared_is_400() -> None:
 # ---- within the pixel limit but over the decode memory budget: 413 before decoding --------------------
 
 
-@pytest.mark.usefixtures("no_decoding")
-def test_j2k_over_the_memory_budget_is_413_before_decoding(client_factory: ClientFactory) -> None:
+def test_j2k_over_the_memory_budget_is_413_before_decoding(
+    client_factory: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     side = 4000  # 16 Mpx: under max_pixels, but openjpeg needs ~16 bytes a pixel
     data = streams.dicom([streams.forge_j2k_size(streams.j2k(IMG), side, side)], side, side, TS.JPEG2000Lossless)
-    body = classify(client_factory(max_pixels=20_000_000), data)
+    client = client_factory(max_pixels=20_000_000)  # started first: the swap canary decodes its JPEGs at start
+    forbid_decoding(monkeypatch)
+    body = classify(client, data)
     assert body["_status"] == 413, body
     assert "MiB" in str(body["detail"])
 
