@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.metadata import ExportError
+from export.metadata import ExportError, one_line, print_written
 from export.onnx_export import DEFAULT_IMAGES, DEFAULT_OPSET, export_checkpoints
 from export.ood import DEFAULT_METHOD, DEFAULT_PASS_RATE, OodConfig
 from export.parity import VerificationError
@@ -19,12 +19,6 @@ from train.checkpoint import CheckpointError
 from train.data import DataError
 
 log = logging.getLogger("export")
-
-
-def one_line(message: str, limit: int = 300) -> str:
-    """Collapse a message to one line (torch's unpickling errors span many) and cap its length."""
-    flat = " ".join(message.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -102,13 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line, no traceback: these are the user's inputs or a failed check, not a bug.
         print(f"export: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
-    for check in result.checks:
-        print(f"  {check}")
-    print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB) and {result.card}")
+    print_written(result.checks, result.path, result.size_bytes, result.card)
     if quantized is not None:
-        for check in quantized.checks:
-            print(f"  {check}")
-        print(f"wrote {quantized.path} ({quantized.size_bytes / 1e6:.1f} MB) and {quantized.card}")
+        print_written(quantized.checks, quantized.path, quantized.size_bytes, quantized.card)
     return 0
 
 

@@ -178,3 +178,16 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     """
     model = onnx.load(str(path), load_external_data=False)
     return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+
+
+def one_line(message: str, limit: int = 300) -> str:
+    """Collapse an error to one CLI line (torch's unpickling errors span many) and cap its length."""
+    flat = " ".join(message.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def print_written(checks: Sequence[object], path: Path, size_bytes: int, card: Path) -> None:
+    """What ``python -m export`` and ``python -m export.quantize`` print for a written file: its checks, then where."""
+    for check in checks:
+        print(f"  {check}")
+    print(f"wrote {path} ({size_bytes / 1e6:.1f} MB) and {card}")

@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 from service.hospital.dicom import SECONDARY_CAPTURE
 from service.hospital.sr import TOP_CLASS, class_concept
 from tests.conftest import TEST_DATA, in_ci
+from tests.deploy.conftest import stop_process
 from tests.service.conftest import client_factory, settings_factory  # noqa: F401  (fixtures)
 from tests.service.test_dicom import make_dicom
 from tests.service.test_lifecycle import free_port
@@ -119,11 +120,7 @@ def orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Orthanc]
         yield Orthanc(http, dicom_port, f"http://127.0.0.1:{http_port}/dicom-web", scp_port)
     finally:
         http.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
         log.close()
 
 
