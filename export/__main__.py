@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from export.acquisition import ShiftPlan
 from export.metadata import ExportError, one_line, print_written
 from export.onnx_export import DEFAULT_IMAGES, DEFAULT_OPSET, export_checkpoints
 from export.ood import DEFAULT_METHOD, DEFAULT_PASS_RATE, OodConfig
@@ -47,6 +48,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ood-pass-rate", type=float, default=DEFAULT_PASS_RATE,
                    help=f"share of validation images below the threshold (default {DEFAULT_PASS_RATE})")  # fmt: skip
     g.add_argument("--ood-fit-limit", type=int, default=0, help="at most this many training images for Mahalanobis")
+    g.add_argument("--ood-shifts", type=int, default=ShiftPlan().copies,
+                   help="acquisition-shifted copies of each validation image the threshold also covers (0: none;"
+                        f" default {ShiftPlan().copies}; export/acquisition.py)")  # fmt: skip
     g.add_argument("--no-cam", dest="cam", action="store_false", help="leave out the cam output")
     q = p.add_argument_group("INT8 for CPU-only servers (docs/export.md): also write NAME-int8.onnx beside --out")
     q.add_argument("--int8", action="store_true", help="quantise the exported file, calibrated on --calibration")
@@ -63,7 +67,13 @@ def ood_config(args: argparse.Namespace) -> OodConfig | None:
         return None
     if args.ood_split is None:
         raise ExportError("--ood-data needs --ood-split (split.json: part val for the threshold, train for statistics)")
-    return OodConfig(Path(args.ood_data), Path(args.ood_split), args.ood_method, args.ood_pass_rate, args.ood_fit_limit)
+    try:
+        shifts = ShiftPlan(copies=args.ood_shifts)
+    except ValueError as exc:
+        raise ExportError(f"--ood-shifts: {exc}") from exc
+    return OodConfig(
+        Path(args.ood_data), Path(args.ood_split), args.ood_method, args.ood_pass_rate, args.ood_fit_limit, shifts
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,25 @@ def _scalar(k: str, v: Any) -> str:
     return f"- `{k}`: {v:.4f}" if isinstance(v, float) else f"- `{k}`: `{json.dumps(v)}`"
 
 
+_MEMBER_COLUMNS = ("balanced_accuracy", "accuracy", "auc_macro", "macro_f1", "ece", "nll", "temperature", "n")
+
+
+def _member_table(members: Sequence[dict[str, Any]]) -> list[str]:
+    """One row per member: the scalars people compare (a JSON dump per member was unreadable in a 3-member card)."""
+    cols = [c for c in _MEMBER_COLUMNS if any(isinstance(m.get(c), (int, float)) for m in members)]
+    if not cols:
+        return [f"{i + 1}. no scalar metrics" for i in range(len(members))]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return "-"
+        return str(v) if isinstance(v, int) else f"{v:.4f}"
+
+    lines = ["| member | " + " | ".join(f"`{c}`" for c in cols) + " |", "|---:" + "|---:" * len(cols) + "|"]
+    lines += [f"| {i + 1} | " + " | ".join(cell(m.get(c)) for c in cols) + " |" for i, m in enumerate(members)]
+    return lines
+
+
 def _metrics_lines(metrics: dict[str, Any], classes: Sequence[str]) -> list[str]:
     if not metrics:
         return ["No validation metrics were stored in the checkpoint(s)."]
@@ -24,8 +43,8 @@ def _metrics_lines(metrics: dict[str, Any], classes: Sequence[str]) -> list[str]
             "",
         ]
         lines += [f"- `{k}`: {v:.4f}" for k, v in metrics.get("mean_of_members", {}).items()]
-        lines += ["", "Per member:", ""]
-        lines += [f"{i + 1}. `{json.dumps(m, sort_keys=True)}`" for i, m in enumerate(metrics["members"])]
+        lines += ["", "Per member (in the order of the architecture list above):", ""]
+        lines += _member_table(metrics["members"])
         return lines
     tables = {"per_class", "confusion_matrix"}
     lines = [_scalar(k, v) for k, v in metrics.items() if k not in tables]
@@ -84,16 +103,53 @@ def _ood_section(meta: ModelMetadata) -> list[str]:
         " with one covariance shared by the classes (Ledoit-Wolf shrinkage), fitted on the training images",
         "energy": "energy score, -logsumexp of the logits (before the temperature)",
     }[o.method]
-    fitted = ", ".join(f"{k} {v}" for k, v in sorted(o.fitted_on.items()))
+    plain = {k: v for k, v in o.fitted_on.items() if not isinstance(v, dict)}
+    fitted = ", ".join(f"{k} {v}" for k, v in sorted(plain.items()))
+    shifts, refit = o.fitted_on.get("acquisition_shifts"), o.fitted_on.get("refit")
+    over = "the in-distribution validation images"
+    lines = []
+    if isinstance(shifts, dict):
+        over = (
+            f"the in-distribution validation images and {shifts.get('copies_per_image')} acquisition-shifted"
+            " copies of each"
+        )
+        lines.append(
+            f"The copies ({shifts.get('shifts_per_copy')} shifts each, drawn from {', '.join(shifts.get('shifts', []))};"
+            " `export/acquisition.py`) stand in for other dermatoscopes, cameras and exports, so that real"
+            " dermoscopy from another source is not flagged for its look alone."
+        )
+    if isinstance(refit, dict):
+        lines.append(
+            f"Chosen again by `python -m export.ood_refit` at {refit.get('at')} (graph unchanged): it was"
+            f" {float(refit['previous_threshold']):.6g}; {float(refit['validation_pass_rate_unshifted']):.1%} of the"
+            " unshifted validation images pass now."
+        )
+    if isinstance(o.fitted_on.get("int8_refit"), dict):
+        r = o.fitted_on["int8_refit"]
+        lines.append(
+            f"INT8: first refitted on {r.get('images')} verification images from fp32 {r.get('fp32_threshold')}."
+        )
     return [
         "## Out-of-distribution check",
         "",
         f"Output `{OOD_OUTPUT}`: {how}; averaged over the TTA views and the members like the probabilities.",
         f"An image is out of distribution when its score is above **{o.threshold:.6g}**: the threshold that"
-        f" {o.pass_rate:.1%} of the in-distribution validation images stay at or below. Fitted on: {fitted}.",
+        f" {o.pass_rate:.1%} of {over} stay at or below. Fitted on: {fitted}.",
+        *lines,
         "Measured detection rates are added by `python -m export.ood_eval` (section below, when run).",
         "",
     ]
+
+
+def replace_ood_section(card: str, meta: ModelMetadata) -> str:
+    """``card`` with its "Out-of-distribution check" section rendered again from ``meta`` (unchanged if absent)."""
+    head = "## Out-of-distribution check\n"
+    start = card.find(head)
+    if start < 0:
+        return card
+    end = card.find("\n## ", start + len(head))
+    end = len(card) if end < 0 else end + 1
+    return card[:start] + "\n".join(_ood_section(meta)) + "\n" + card[end:]
 
 
 def _cam_section(meta: ModelMetadata) -> list[str]:

@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from sklearn.metrics import roc_auc_score
 
+from export.bootstrap import bootstrap_ci
 from export.metadata import read_metadata
 from service.contract import INPUT_NAME
 from train.data import DataError, LabelledSet, load_images, load_labelled
@@ -98,8 +99,12 @@ def evaluate_onnx(
     part: str | None = None,
     out: Path | None = None,
     threshold: float | None = None,
+    bootstrap: int = 1000,
 ) -> dict[str, Any]:
-    """Every metric of the file on one labelled set; plots into ``out`` when given."""
+    """Every metric of the file on one labelled set; plots into ``out`` when given.
+
+    ``bootstrap``: resamples of the lesion-clustered bootstrap for 95% intervals (``ci95``; 0 = none).
+    """
     meta = read_metadata(model)
     labelled = select(load_labelled(data, None, meta.classes), split, part)
     images = load_images(labelled.paths, meta.input_size)
@@ -111,6 +116,10 @@ def evaluate_onnx(
     pos = np.isin(labels, [meta.classes.index(c) for c in meta.malignant_classes])
     scores = malignancy_scores(probs, meta.classes, meta.malignant_classes)
     m["malignancy"] = operating_point(scores, pos, meta.malignancy_threshold if threshold is None else threshold)
+    if bootstrap > 0:
+        m["ci95"] = bootstrap_ci(
+            probs, labels, labelled.groups, meta.classes, pos, scores, m["malignancy"]["threshold"], bootstrap
+        )
     m["model"] = {"name": meta.name, "version": meta.version, "tta": meta.tta}
     m["data"] = {"source": str(data), "split": str(split) if split else None, "part": part}
     if out is not None:
@@ -127,6 +136,10 @@ CARD_START, CARD_END = "<!-- held-out evaluation: start -->", "<!-- held-out eva
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+def _ci(v: list[float] | None) -> str:
+    return "n/a" if not v else f"{v[0]:.3f}-{v[1]:.3f}"
 
 
 def card_section(m: dict[str, Any], classes: list[str], plots: dict[str, str]) -> str:
@@ -146,11 +159,19 @@ def card_section(m: dict[str, Any], classes: list[str], plots: dict[str, str]) -
         f"| {m['balanced_accuracy']:.4f} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {_pct(m['auc_macro'])}"
         f" | {m['top2_accuracy']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} |",
         "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---:|---:|---:|---:|",
     ]
+    ci = m.get("ci95")
+    if ci:
+        lines += [
+            f"95% intervals ({ci['method']}): balanced accuracy {_ci(ci['balanced_accuracy'])},"
+            f" macro AUC {_ci(ci.get('auc_macro'))}, malignancy sensitivity {_ci(ci['malignancy_sensitivity'])},"
+            f" specificity {_ci(ci['malignancy_specificity'])}.",
+            "",
+        ]
+    lines += ["| class | precision | recall | recall 95% CI | F1 | support |", "|---|---:|---:|---:|---:|---:|"]
     lines += [
-        f"| `{c}` | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+        f"| `{c}` | {r['precision']:.3f} | {r['recall']:.3f} | {_ci(ci['recall'].get(c)) if ci else 'n/a'}"
+        f" | {r['f1']:.3f} | {r['support']} |"
         for c, r in m["per_class"].items()
     ]
     lines += [
@@ -204,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold-part", default="val", help="part used to choose the threshold (default val)")
     ap.add_argument("--card", type=Path, default=None,
                     help="model card to add the held-out section to (plots go beside it; needs --out)")  # fmt: skip
+    ap.add_argument("--bootstrap", type=int, default=1000,
+                    help="resamples of the lesion-clustered bootstrap for 95%% intervals (default 1000; 0 = none)")  # fmt: skip
     a = ap.parse_args(argv)
     try:
+        if a.bootstrap < 0:
+            raise ValueError(f"--bootstrap must be >= 0, got {a.bootstrap}")
         threshold = None
         if a.target_sensitivity is not None:
             meta = read_metadata(a.model)
@@ -217,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                          a.target_sensitivity)  # fmt: skip
             log.info("threshold %.4f reaches sensitivity >= %.2f on part %r", threshold, a.target_sensitivity,
                      a.threshold_part)  # fmt: skip
-        m = evaluate_onnx(a.model, a.data, a.split, a.part if a.split else None, a.out, threshold)
+        m = evaluate_onnx(a.model, a.data, a.split, a.part if a.split else None, a.out, threshold, a.bootstrap)
         if a.card is not None:
             if a.out is None:
                 raise ValueError("--card needs --out (the plots it links)")

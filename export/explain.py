@@ -154,15 +154,18 @@ class ExplainedMember(nn.Module):
         cam: compute the class activation maps.
     """
 
-    def __init__(self, member: CalibratedMember, ood: OodHead | None, cam: bool) -> None:
+    def __init__(
+        self, member: CalibratedMember, ood: OodHead | None, cam: bool, cam_hw: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         self.member = member
         self.ood = ood
         self.cam = cam
+        self.cam_hw = cam_hw  # the ensemble's common map size; None: this member's own
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         m = self.member
-        z = m.normalize(x)
+        z = m.prepare(x)
         a = feature_map(m.backbone, z.half() if m.fp16 else z)  # (B, F, h, w)
         f = a.mean(dim=(2, 3))  # (B, F): forward_features
         logits = m.backbone.forward_head(f).to(torch.float32)  # type: ignore[operator]
@@ -172,6 +175,9 @@ class ExplainedMember(nn.Module):
         if self.cam:
             weight, _ = linear_head(m.backbone, f)  # (B, K, F)
             cam = torch.einsum("bkf,bfhw->bkhw", weight, a).to(torch.float32)  # (B, K, h, w)
+            if self.cam_hw is not None and tuple(cam.shape[-2:]) != self.cam_hw:
+                # A member trained at a smaller size has a coarser map: bring it to the ensemble's grid.
+                cam = F.interpolate(cam, size=self.cam_hw, mode="bilinear", align_corners=False)
         return probs, score, cam
 
 
@@ -187,7 +193,9 @@ class ExplainedLesionModel(nn.Module):
         cam: add the ``cam`` output.
     """
 
-    def __init__(self, base: LesionModel, ood: Sequence[OodHead] | None, cam: bool) -> None:
+    def __init__(
+        self, base: LesionModel, ood: Sequence[OodHead] | None, cam: bool, cam_hw: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         members = list(base.members)
         if ood is not None and len(ood) != len(members):
@@ -195,7 +203,7 @@ class ExplainedLesionModel(nn.Module):
         heads: Sequence[OodHead | None] = ood if ood is not None else [None] * len(members)
         self.tta: TTAViews = base.tta
         self.members = nn.ModuleList(
-            ExplainedMember(m, h, cam)
+            ExplainedMember(m, h, cam, cam_hw)
             for m, h in zip(members, heads, strict=True)  # type: ignore[arg-type]
         )
         self.views = base.tta.views
@@ -226,8 +234,7 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def cam_shape(members: Sequence[CalibratedMember], size: int) -> tuple[int, int]:
-    """``(h, w)`` of the members' feature maps (checked against ``forward_features``); they must agree."""
-    shapes = {check_feature_map(m.backbone, size)[1:] for m in members}
-    if len(shapes) != 1:
-        raise ExplainError(f"ensemble members have different feature-map sizes {sorted(shapes)}: no common CAM")
-    return shapes.pop()
+    """``(h, w)`` of the members' feature maps (checked against ``forward_features``), each at its own input
+    size; members trained at several sizes share the finest grid (the others' maps are resized to it)."""
+    shapes = {check_feature_map(m.backbone, m.size or size)[1:] for m in members}
+    return max(shapes)

@@ -11,7 +11,9 @@ held-out-of-HAM figure, and the card says so. Measured, with the file as the ser
   and of ``P(mel) / (P(mel) + P(nv))``;
 * sensitivity/specificity of the malignancy flag at the file's own threshold (chosen on HAM
   validation; not re-tuned here);
-* how often the top class is ``mel`` for melanomas and ``nv`` for nevi.
+* how often the top class is ``mel`` for melanomas and ``nv`` for nevi;
+* when the file has an ``ood_score`` output: the share of these real dermoscopic images that it
+  flags out of distribution at its own threshold (they should pass).
 
 Data: a folder with ``labels.csv`` (``image_id``, ``diagnosis`` in {melanoma, nevus}; the
 ISIC Archive export) or an ImageFolder tree with ``melanoma/`` and ``nevus/`` sub-folders.
@@ -31,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from export.evaluate import malignancy_scores, onnx_probabilities, operating_point, update_card
 from export.metadata import read_metadata
+from export.ood_eval import score as ood_scores
 from train.data import load_images
 
 DIAGNOSES = ("melanoma", "nevus")
@@ -62,7 +65,13 @@ def evaluate_external(model: Path, data: Path) -> dict[str, Any]:
         if code not in meta.classes:
             raise ValueError(f"{model}: the external check needs classes 'mel' and 'nv'; it has {meta.classes}")
     paths, melanoma = read_external(data)
-    probs = onnx_probabilities(model, load_images(paths, meta.input_size))
+    images = load_images(paths, meta.input_size)
+    flagged: float | None = None
+    if meta.ood is not None:
+        ood, probs = ood_scores(model, images)
+        flagged = float((ood > meta.ood.threshold).mean())
+    else:
+        probs = onnx_probabilities(model, images)
     mel, nv = probs[:, meta.classes.index("mel")], probs[:, meta.classes.index("nv")]
     scores = malignancy_scores(probs, meta.classes, meta.malignant_classes)
     top = np.asarray(meta.classes)[probs.argmax(1)]
@@ -75,6 +84,7 @@ def evaluate_external(model: Path, data: Path) -> dict[str, Any]:
         "malignancy": operating_point(scores, melanoma, meta.malignancy_threshold),
         "top1_mel_for_melanoma": float((top[melanoma] == "mel").mean()),
         "top1_nv_for_nevus": float((top[~melanoma] == "nv").mean()),
+        "ood_flagged": flagged,
         "data": str(data),
         "model": {"name": meta.name, "version": meta.version, "tta": meta.tta},
     }
@@ -97,6 +107,11 @@ def card_section(m: dict[str, Any]) -> str:
         f"| {m['auc_malignancy_score']:.3f} | {m['auc_mel_vs_nv']:.3f} | {mal['threshold']:.4f}"
         f" | {mal['sensitivity']:.3f} | {mal['specificity']:.3f} | {m['top1_mel_for_melanoma']:.3f}"
         f" | {m['top1_nv_for_nevus']:.3f} |",
+        *(
+            []
+            if m.get("ood_flagged") is None
+            else ["", f"Flagged out of distribution at the file's OOD threshold: {m['ood_flagged']:.1%} of these images."]
+        ),
         CARD_END,
     ])  # fmt: skip
 

@@ -34,7 +34,10 @@ class ExportError(ValueError):
 
 
 def check_members(ckpts: Sequence[Checkpoint], paths: Sequence[str | Path]) -> None:
-    """An ensemble's members must predict the same classes, in the same order, at the same input size.
+    """An ensemble's members must predict the same classes, in the same order.
+
+    Their input sizes may differ: the graph takes the largest (:func:`input_size`) and each smaller
+    member resizes its input (``export.wrappers.CalibratedMember``).
 
     Args:
         ckpts: the loaded checkpoints.
@@ -48,11 +51,11 @@ def check_members(ckpts: Sequence[Checkpoint], paths: Sequence[str | Path]) -> N
             raise ExportError(
                 f"ensemble members disagree on classes: {first_path} has {first.classes}, {path} has {ckpt.classes}"
             )
-        if ckpt.img_size != first.img_size:
-            raise ExportError(
-                f"ensemble members disagree on input size: {first_path} has {first.img_size},"
-                f" {path} has {ckpt.img_size}"
-            )
+
+
+def input_size(ckpts: Sequence[Checkpoint]) -> int:
+    """The graph's input side: the largest member's (no member sees fewer pixels than it was trained on)."""
+    return max(c.img_size for c in ckpts)
 
 
 def training_data(ckpts: Sequence[Checkpoint]) -> dict[str, str]:
@@ -74,21 +77,35 @@ def training_data(ckpts: Sequence[Checkpoint]) -> dict[str, str]:
     return {k: " | ".join(dict.fromkeys(f[k] for f in facts)) for k in ("name", "license", "citation")}
 
 
+# A checkpoint's "test" entry is that checkpoint alone (no TTA, no ensemble) on its own training run's test
+# split. Shipped as "test" it read as the exported file's held-out result, which is another number
+# (python -m export.evaluate, in the card): one name per metric, so it travels under this one.
+RUN_TEST_KEY = "training_run_test"
+
+
+def _renamed(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = dict(metrics)
+    if "test" in out:
+        out[RUN_TEST_KEY] = out.pop("test")
+    return out
+
+
 def member_metrics(ckpts: Sequence[Checkpoint]) -> dict[str, Any]:
     """One member: its validation metrics. An ensemble: each member's, and the mean of shared numeric ones.
 
     The ensemble's own validation metrics are not known at export (no data is read here), so they
-    are not invented: the card says that the mean of the members' metrics is only a guide.
+    are not invented: the card says that the mean of the members' metrics is only a guide. A member's
+    own test-split figures are kept as ``training_run_test`` (:data:`RUN_TEST_KEY`), never as ``test``.
     """
     if len(ckpts) == 1:
-        return dict(ckpts[0].metrics)
+        return _renamed(ckpts[0].metrics)
     shared = set.intersection(*(set(c.metrics) for c in ckpts))
     means = {
         k: sum(float(c.metrics[k]) for c in ckpts) / len(ckpts)
         for k in sorted(shared)
         if all(isinstance(c.metrics[k], int | float) and not isinstance(c.metrics[k], bool) for c in ckpts)
     }
-    return {"members": [dict(c.metrics) for c in ckpts], "mean_of_members": means}
+    return {"members": [_renamed(c.metrics) for c in ckpts], "mean_of_members": means}
 
 
 def weights_sha256(model: onnx.ModelProto) -> str:
@@ -144,7 +161,7 @@ def build_metadata(
         class_names={c: names.get(c, DISPLAY_NAMES.get(c, c)) for c in first.classes},
         malignant_classes=malignant,
         malignancy_threshold=malignancy_threshold,
-        input_size=first.img_size,
+        input_size=input_size(ckpts),
         preprocessing={
             "input": "uint8 RGB NHWC [N, S, S, 3]",
             "crop": "center_square",

@@ -23,7 +23,7 @@ from torch import nn
 
 from export.card import render_card
 from export.explain import ExplainedLesionModel, ExplainError, cam_shape
-from export.metadata import ExportError, build_metadata, check_members, weights_sha256
+from export.metadata import ExportError, build_metadata, check_members, input_size, weights_sha256
 from export.ood import OodConfig, ood_heads, threshold_ood
 from export.parity import Check, load_images, verify
 from export.wrappers import CalibratedMember, LesionModel, tta_views
@@ -102,8 +102,11 @@ def build_module(
     """
     views = tta_views(tta)
 
+    side = input_size(ckpts)
+
     def wrap(group: Sequence[Checkpoint], half: bool) -> LesionModel:
-        return LesionModel([CalibratedMember(c.build(), c.temperature, half, *c.norm()) for c in group], views)
+        members = [CalibratedMember(c.build(), c.temperature, half, *c.norm(), c.img_size, side) for c in group]
+        return LesionModel(members, views)
 
     reference = wrap(ckpts, False)
     singles = [wrap([c], False) for c in ckpts] if len(ckpts) > 1 else []
@@ -128,7 +131,7 @@ def with_extras(
     if not cam and ood is None:
         return Extras(model, reference, [OUTPUT_NAME], None, None)
     members = [m for m in reference.members if isinstance(m, CalibratedMember)]
-    size, classes = ckpts[0].img_size, ckpts[0].classes
+    size, classes = input_size(ckpts), ckpts[0].classes
     cam_spec, heads, n_train = None, None, None
     try:
         if cam:
@@ -138,8 +141,9 @@ def with_extras(
             heads, n_train = ood_heads(ood, members, classes, size)
     except ExplainError as exc:
         raise ExportError(str(exc)) from exc
-    explained = ExplainedLesionModel(model, heads, cam)
-    ref = explained if reference is model else ExplainedLesionModel(reference, heads, cam)
+    hw = (cam_spec.shape[1], cam_spec.shape[2]) if cam_spec is not None else None
+    explained = ExplainedLesionModel(model, heads, cam, hw)
+    ref = explained if reference is model else ExplainedLesionModel(reference, heads, cam, hw)
     return Extras(explained, ref, explained.output_names(), cam_spec, n_train)
 
 
@@ -185,7 +189,7 @@ def export_checkpoints(
     image_paths = sorted(p for p in Path(images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not image_paths:
         raise ExportError(f"no verification images (*.jpg, *.png) under {images}")
-    size = ckpts[0].img_size
+    size = input_size(ckpts)
     model, reference, singles = build_module(ckpts, tta, fp16)
     extras = with_extras(model, reference, ckpts, ood, cam)
     # Built (and validated) before anything is written; the weights hash is filled in after the export.

@@ -12,21 +12,24 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
 from sklearn.covariance import LedoitWolf
 
+from export.acquisition import ShiftPlan, shifted
 from export.evaluate import select
 from export.explain import MahalanobisStats, OodHead, feature_map
 from export.metadata import ExportError
 from export.wrappers import CalibratedMember, to_nchw_float
 from service.contract import INPUT_NAME, OOD_METHODS, OOD_OUTPUT, OodSpec
 from train.data import DataError, LabelledSet, load_images, load_labelled
+from train.preprocess import center_crop_resize
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class OodConfig:
         method: ``mahalanobis`` or ``energy``.
         pass_rate: share of validation images that must pass the threshold.
         fit_limit: at most this many training images for the Mahalanobis fit (0: all).
+        shifts: acquisition-shifted copies of each validation image scored with it for the threshold
+            (:mod:`export.acquisition`); ``copies=0`` chooses on the validation images alone.
     """
 
     data: Path
@@ -51,6 +56,7 @@ class OodConfig:
     method: str = DEFAULT_METHOD
     pass_rate: float = DEFAULT_PASS_RATE
     fit_limit: int = 0
+    shifts: ShiftPlan = field(default_factory=ShiftPlan)
 
     def __post_init__(self) -> None:
         if self.method not in OOD_METHODS:
@@ -95,7 +101,7 @@ def pooled_features(member: CalibratedMember, images: np.ndarray, batch: int = 6
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            x = member.normalize(to_nchw_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))))
+            x = member.prepare(to_nchw_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))))
             a = feature_map(member.backbone, x.half() if member.fp16 else x)
             out.append(a.mean(dim=(2, 3)).to(torch.float64).numpy())
     return np.concatenate(out)
@@ -163,6 +169,8 @@ def fitted_on(cfg: OodConfig, n_val: int, n_train: int | None) -> dict[str, Any]
         "target_pass_rate": cfg.pass_rate,
         "aggregation": "mean over TTA views and ensemble members",
     }
+    if cfg.shifts.copies:
+        facts["acquisition_shifts"] = cfg.shifts.describe()
     if n_train is not None:
         facts.update(statistics_part="train", training_images=n_train, covariance="Ledoit-Wolf, shared, class-centred")
     return facts
@@ -178,12 +186,35 @@ def onnx_output(model: Path, images: np.ndarray, name: str, batch: int = 32) -> 
     )
 
 
-def threshold_ood(path: Path, cfg: OodConfig, classes: list[str], size: int, n_train: int | None) -> OodSpec:
-    """Score the validation part with the exported file itself and choose the threshold there."""
+def shifted_images(data: LabelledSet, size: int, plan: ShiftPlan) -> np.ndarray:
+    """The images of ``data`` and ``plan.copies`` acquisition-shifted copies of each, at the model's input size.
+
+    Shifts apply to the full-size image before the canonical crop and resize, as a different camera would.
+    """
+    out = np.empty((len(data.paths) * (1 + plan.copies), size, size, 3), dtype=np.uint8)
+    n = 0
+    for i, path in enumerate(data.paths):
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ExportError(f"--ood-data: {path}: unreadable or not an image")
+        rgb = np.ascontiguousarray(bgr[..., ::-1])
+        for img in [rgb, *shifted(rgb, plan, i)]:
+            out[n] = center_crop_resize(img, size)
+            n += 1
+    return out
+
+
+def validation_scores(path: Path, cfg: OodConfig, classes: list[str], size: int) -> tuple[np.ndarray, int]:
+    """``ood_score`` of the validation part and its shifted copies by the file at ``path``; and the part's size."""
     val = labelled_part(cfg, classes, "val")
-    scores = onnx_output(path, _load(val, size), OOD_OUTPUT)
+    images = shifted_images(val, size, cfg.shifts) if cfg.shifts.copies else _load(val, size)
+    return onnx_output(path, images, OOD_OUTPUT), len(val.paths)
+
+
+def threshold_ood(path: Path, cfg: OodConfig, classes: list[str], size: int, n_train: int | None) -> OodSpec:
+    """Score the validation part (and its acquisition-shifted copies) with the exported file; choose the threshold."""
+    scores, n_val = validation_scores(path, cfg, classes, size)
     threshold, rate = choose_ood_threshold(scores, cfg.pass_rate)
-    log.info("OOD threshold %.4g: %.1f%% of %d validation images pass", threshold, 100 * rate, len(scores))
-    return OodSpec(
-        method=cfg.method, threshold=threshold, pass_rate=rate, fitted_on=fitted_on(cfg, len(scores), n_train)
-    )
+    log.info("OOD threshold %.4g: %.1f%% of %d validation scores pass (%d images, %d shifted copies each)",
+             threshold, 100 * rate, len(scores), n_val, cfg.shifts.copies)  # fmt: skip
+    return OodSpec(method=cfg.method, threshold=threshold, pass_rate=rate, fitted_on=fitted_on(cfg, n_val, n_train))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from service.contract import TTA_VIEWS
@@ -48,7 +49,7 @@ class UnknownTTAError(ValueError):
 
 
 def tta_views(tta: str) -> tuple[str, ...]:
-    """The view names of a TTA setting (``none``, ``flips``, ``dihedral``: 1, 4 or 8 views).
+    """The view names of a TTA setting (``none``, ``hflip``, ``flips``, ``dihedral``: 1, 2, 4 or 8 views).
 
     Args:
         tta: the setting's name, as in ``service.contract.TTA_VIEWS``.
@@ -114,6 +115,10 @@ class CalibratedMember(nn.Module):
         temperature: the member's fitted temperature (> 0).
         fp16: run the backbone in float16 (weights stored in half precision); softmax stays float32.
         mean, std: the input normalisation the backbone was trained with (on [0, 1] pixels).
+        size: the side the member was trained at; ``input_size``: the graph's. When they differ (an
+            ensemble of members trained at several sizes: the graph takes the largest), the member
+            resizes its input first, bilinear with antialiasing (close to the INTER_AREA resize that
+            made its training images; the difference is measured by the export's parity check).
     """
 
     def __init__(
@@ -123,6 +128,8 @@ class CalibratedMember(nn.Module):
         fp16: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        size: int | None = None,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -131,9 +138,15 @@ class CalibratedMember(nn.Module):
         self.backbone = backbone.eval().half() if fp16 else backbone.eval()
         self.temperature = float(temperature)
         self.fp16 = fp16
+        self.size = size if size is not None and size != input_size else None
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) on 0-255 -> normalised (B, 3, s, s)
+        if self.size is not None:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return self.normalize(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) float32 on 0-255 -> (B, K) float32
-        x = self.normalize(x)
+        x = self.prepare(x)
         logits = self.backbone(x.half() if self.fp16 else x).to(torch.float32)
         return torch.softmax(logits / self.temperature, dim=-1)
 

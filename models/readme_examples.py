@@ -61,12 +61,13 @@ def main() -> int:
         return 1
     for i, block in zip(slots, blocks, strict=True):
         parts[i] = "```json\n" + json.dumps(block, indent=2) + "\n```"
-    arch = info["architecture"][0] if isinstance(info.get("architecture"), list) else info.get("architecture")
+    archs = info["architecture"] if isinstance(info.get("architecture"), list) else [info.get("architecture")]
+    what = archs[0] if len(archs) == 1 else f"an ensemble of {', '.join(archs)}"
     views = len(info.get("tta", []))
     parts[0] = re.sub(
         r"A real answer of the bundled model \(.*?\):",
-        f"A real answer of the bundled model (`models/reference.onnx`, {arch} at {info['input_size']} px with"
-        f" {views} TTA views,\non this 2-core CPU; the request id and timings change per call):",
+        f"A real answer of the bundled model (`models/reference.onnx`, {what} at {info['input_size']} px with"
+        f" {views} TTA view{'s' if views != 1 else ''},\non this 2-core CPU; the request id and timings change per call):",
         parts[0],
         flags=re.S,
     )

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Pending:
     future: Future[Prediction] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     target: Target | None = None  # the model that runs it (None: the batcher's target at submit)
+    trace: Any = field(default_factory=tracing.current_span_context)  # the request's span (None: tracing off)
 
 
 def collect_batch(
@@ -276,8 +277,10 @@ class Batcher:
             return
         for item in live:
             metrics.QUEUE_WAIT_SECONDS.observe(now - item.enqueued)
+        tracing.queue_waits([(item.trace, item.enqueued) for item in live], now)
         try:
-            outs, took = self._timed_run([item.image for item in live])
+            with tracing.inference([item.trace for item in live], len(live)):
+                outs, took = self._timed_run([item.image for item in live])
         except Exception:
             if len(live) == 1:
                 log.exception("inference failed")

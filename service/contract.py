@@ -30,6 +30,7 @@ OOD_METHODS = ("energy", "mahalanobis")
 
 TTA_VIEWS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
+    "hflip": ("identity", "hflip"),  # the 2-view budget of the model card's view table
     "flips": ("identity", "hflip", "vflip", "rot180"),
     "dihedral": ("identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"),
 }

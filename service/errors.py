@@ -48,8 +48,23 @@ class InvalidImage(ServiceError):
     status, slug, title, reason = 400, "invalid-image", "Image could not be decoded", "undecodable"
 
 
+class ImageTooSmall(InvalidImage):
+    """The image decodes but its shorter side is under ``LESIONSERVE_MIN_IMAGE_SIDE``: the model's input would be
+    mostly upsampling, so its answer would be about interpolation, not the lesion. 422: the bytes are fine, the
+    content is not usable; an InvalidImage so that the PACS entries refuse it as the sender's object (C000)."""
+
+    status, slug, title, reason = 422, "image-too-small", "Image too small to classify", "too_small"
+
+
 class BadRequest(ServiceError):
     status, slug, title = 400, "bad-request", "Malformed request"
+
+
+class InvalidFhirReference(BadRequest):
+    """``subject``, ``based_on`` or ``encounter`` is not a FHIR reference of an allowed type; the detail names the
+    field, never the value (a patient reference is an identifier)."""
+
+    slug, title = "invalid-fhir-reference", "Not a FHIR reference"
 
 
 class Unauthorized(ServiceError):
@@ -94,6 +109,12 @@ class OutOfDistribution(ServiceError):
     status, slug, title, reason = 422, "out-of-distribution", "Image unlike the training data", "out_of_distribution"
 
 
+class ModelNotFound(ServiceError):
+    """An Open Inference Protocol path names a model (or version) that is not the one loaded."""
+
+    status, slug, title = 404, "model-not-found", "No such model"
+
+
 class InstanceNotFound(ServiceError):
     """The DICOMweb origin has no such Study/Series/SOP Instance (WADO-RS 404)."""
 
@@ -110,6 +131,25 @@ class ResultNotDelivered(ServiceError):
     """The SR was made but the PACS destination (C-STORE) or origin (STOW-RS) did not store it."""
 
     status, slug, title = 502, "result-not-delivered", "The result could not be delivered to the PACS"
+
+
+class OutboxFull(ServiceError):
+    """The result outbox holds ``OUTBOX_MAX_ITEMS`` SRs or ``OUTBOX_MAX_BYTES``: nothing more is accepted until the
+    PACS takes some (C-STORE: A700 Out of Resources; STOW-RS: 503). Never a silent loss: the sender keeps the image."""
+
+    status, slug, title, reason = 503, "outbox-full", "The result outbox is full, retry later", "outbox_full"
+
+
+class OutboxUnavailable(ServiceError):
+    """The outbox file could not be written (disk full, folder read-only, I/O error): the SR is not accepted."""
+
+    status, slug, title, reason = 503, "outbox-unavailable", "The result outbox cannot be written", "outbox_unavailable"
+
+
+class AuditNotWritable(ServiceError):
+    """AUDIT_ON_FAILURE=closed and audit lines wait to be written (disk full): no new work until they are."""
+
+    status, slug, title, reason = 503, "audit-not-writable", "The audit trail cannot be written", "audit_not_writable"
 
 
 class NotConfigured(ServiceError):
@@ -191,6 +231,20 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
+# The Open Inference Protocol v2 defines its own error body, {"error": "<message>"}, which its clients
+# (tritonclient, KServe's SDK) read; every answer under this prefix has that shape, with the same status.
+OIP_PREFIX = "/v2"
+
+
+def is_oip(request: Request) -> bool:
+    path = request.url.path
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def oip_error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": detail}, status_code=status, headers=headers)
+
+
 # Framework-raised statuses (unknown route, wrong method) get problem bodies too.
 _HTTP_PROBLEMS = {404: ("not-found", "Not found"), 405: ("method-not-allowed", "Method not allowed")}
 
@@ -214,6 +268,8 @@ def problem_response(err: ServiceError, request: Request) -> JSONResponse:
         REJECTIONS_TOTAL.labels(reason=err.reason).inc()
     request_id = getattr(request.state, "request_id", None)
     request.state.problem_type = err.type_uri()
+    if is_oip(request):
+        return oip_error(err.status, err.detail, err.headers)
     return JSONResponse(
         err.problem(instance=request.url.path, request_id=request_id),
         status_code=err.status,
@@ -240,6 +296,8 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         slug, title = _HTTP_PROBLEMS.get(exc.status_code, ("http-error", "HTTP error"))
         request.state.problem_type = PROBLEM_BASE + slug
+        if is_oip(request):
+            return oip_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
         body = problem_body(
             exc.status_code, slug, title, str(exc.detail), request.url.path, getattr(request.state, "request_id", None)
         )

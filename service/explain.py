@@ -94,9 +94,16 @@ def _b64(data: bytes) -> str:
 
 
 def explanation(
-    meta: ModelMetadata, pixels: np.ndarray, probabilities: np.ndarray, extras: Mapping[str, np.ndarray]
+    meta: ModelMetadata,
+    pixels: np.ndarray,
+    probabilities: np.ndarray,
+    extras: Mapping[str, np.ndarray],
+    class_code: str | None = None,
 ) -> Explanation:
-    """The answer's ``explanation``: the top class's map over the input (runs in the decode pool).
+    """The answer's ``explanation``: one class's map over the input (runs in the decode pool).
+
+    ``class_code`` picks the class (one of ``meta.classes``, checked by the caller); None: the top class. A
+    clinician compares the evidence for the classes that compete (the page's selector), not only the winner's.
 
     The input itself comes too, with or without a map: it is what the model saw (EXIF orientation,
     DICOM photometric handling, crop and ``INTER_AREA`` resize applied here), which a client could only
@@ -111,6 +118,6 @@ def explanation(
     cam = extras.get(CAM_OUTPUT)
     if meta.cam is None or cam is None:
         return seen.model_copy(update={"detail": NO_CAM})
-    top = int(np.argmax(probabilities))
-    png = render_heatmap(pixels, np.asarray(cam)[top])
-    return seen.model_copy(update={"available": True, "class_code": meta.classes[top], "png_base64": _b64(png)})
+    index = meta.classes.index(class_code) if class_code is not None else int(np.argmax(probabilities))
+    png = render_heatmap(pixels, np.asarray(cam)[index])
+    return seen.model_copy(update={"available": True, "class_code": meta.classes[index], "png_base64": _b64(png)})

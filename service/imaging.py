@@ -24,7 +24,7 @@ import simplejpeg
 
 from service import codecs
 from service.codecs import Codestream
-from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.errors import ImageTooSmall, InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import DicomInfo
 
 JPEG, PNG = "jpeg", "png"
@@ -55,6 +55,19 @@ class DecodedImage:
     format: str
     decode_s: float
     dicom: DicomInfo | None = None  # set by service.hospital.dicom.decode_dicom
+
+
+def check_min_side(decoded: DecodedImage, min_side: int) -> None:
+    """Refuse an image whose shorter side is under ``min_side`` pixels (any format, DICOM too).
+
+    Raises:
+        ImageTooSmall: 422; the detail names both sides and the limit.
+    """
+    if min(decoded.width, decoded.height) < min_side:
+        raise ImageTooSmall(
+            f"image is {decoded.width}x{decoded.height} pixels; its shorter side must be at least {min_side} "
+            "(LESIONSERVE_MIN_IMAGE_SIDE): a smaller one would be enlarged more than twice per side before the model sees it"
+        )
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -25,8 +26,34 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TextIO
 
-# Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# Attributes every LogRecord has; anything else on a record came from ``extra=``. uvicorn adds ``color_message``
+# (its message with ANSI colour codes) to its records: never written, a log line carries no terminal codes.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", "color_message",
+}  # fmt: skip
+# ANSI/VT escape sequences (CSI ... final byte, OSC ... BEL/ST, or ESC + one character): stripped from every text written.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal escape sequences (a colour code from a library never reaches a log line)."""
+    return _ANSI.sub("", text) if "\x1b" in text else text
+
+
+def message_of(record: logging.LogRecord) -> str:
+    """The record's message as written: no escape codes, and a formatted traceback (Starlette hands uvicorn
+    one as the text of a failed start-up) cut to its exception type, like every traceback here."""
+    text = plain(record.getMessage())
+    if text.startswith("Traceback (most recent call last):"):
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        return f"traceback withheld: {last.split(':', 1)[0].strip()}"
+    return text
+
+
+def _extras(record: logging.LogRecord) -> dict[str, object]:
+    return {k: plain(v) if isinstance(v, str) else v for k, v in vars(record).items() if k not in _STANDARD}
+
+
 _MAX_FRAMES = 12
 WITHHELD = "message withheld: third-party text can quote patient data"
 
@@ -77,9 +104,9 @@ class JsonFormatter(_ScrubbedExceptions):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message_of(record),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -90,9 +117,13 @@ class TextFormatter(_ScrubbedExceptions):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
         record.exc_text = None  # logging caches the text; ours is computed by formatException
-        line = super().format(record)
+        record.message = message_of(record)  # what logging.Formatter.format does, with our message
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = plain(self.formatMessage(record))
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
         return f"{line} {extras}" if extras else line
 
 

@@ -7,7 +7,7 @@ New formats plug in with :func:`register_decoder` (e.g. ``application/dicom``) a
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from service.clients import Uploads
 from service.errors import BadRequest, NotAcceptable, UnsupportedMediaType
 from service.hospital.dicom import decode_dicom, is_dicom
-from service.hospital.fhir import diagnostic_report
+from service.hospital.fhir import REFERENCE_TYPES, References, diagnostic_report
 from service.hospital.sr import make_sr, sr_bytes
 from service.imaging import DecodedImage, decode_image
 from service.schemas import ClassifyResponse
@@ -41,10 +41,11 @@ def render_json(answer: ClassifyResponse) -> Response:
     return JSONResponse(answer.model_dump(mode="json", exclude_none=True))
 
 
-def render_fhir(answer: ClassifyResponse) -> Response:
-    """A FHIR R4 DiagnosticReport; DICOM uploads link it to their study and accession."""
+def render_fhir(answer: ClassifyResponse, references: References | None = None) -> Response:
+    """A FHIR R4 DiagnosticReport; DICOM uploads link it to their study and accession, ``references`` to the
+    caller's patient, order and encounter."""
     identifiers = answer.dicom.identifiers if answer.dicom is not None else None
-    report = diagnostic_report(answer, identifiers=identifiers, issued=datetime.now(UTC))
+    report = diagnostic_report(answer, identifiers=identifiers, issued=datetime.now(UTC), references=references)
     return JSONResponse(report, media_type=FHIR_JSON)
 
 
@@ -87,7 +88,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return await uploads.read(request.receive, limit, request.headers.get("content-length"))
 
 
-async def _multipart_image(headers: Headers, body: bytes) -> tuple[str, bytes]:
+@dataclass(frozen=True)
+class Upload:
+    """What a classify body holds: the decoder, the bytes it decodes, and any multipart text fields."""
+
+    decoder: Decoder
+    data: bytes
+    fields: dict[str, str]
+
+
+async def _multipart_image(headers: Headers, body: bytes) -> tuple[str, bytes, dict[str, str]]:
     async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
@@ -102,24 +112,48 @@ async def _multipart_image(headers: Headers, body: bytes) -> tuple[str, bytes]:
     part_type = _media_type(part.content_type)
     if part_type in _GENERIC:  # sniff: DICOM has "DICM" at byte 128; else the image decoder sniffs
         part_type = DICOM if is_dicom(data) else "image/jpeg"
-    return part_type, data
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    return part_type, data, fields
 
 
-async def pick_decoder(headers: Headers, body: bytes) -> tuple[Decoder, bytes]:
-    """The decoder for this request and the bytes it decodes (multipart unwrapped).
+async def read_upload(headers: Headers, body: bytes) -> Upload:
+    """The decoder for this request, the bytes it decodes (multipart unwrapped) and the multipart text fields.
 
     Raises:
         UnsupportedMediaType: no decoder for the (part's) content type (415).
         BadRequest: a multipart body without an ``image`` file (400).
     """
+    fields: dict[str, str] = {}
     media_type = _media_type(headers.get("content-type"))
     if media_type == MULTIPART:
-        media_type, body = await _multipart_image(headers, body)
+        media_type, body, fields = await _multipart_image(headers, body)
     decoder = DECODERS.get(media_type)
     if decoder is None:
         accepted = ", ".join(sorted([*DECODERS, MULTIPART]))
         raise UnsupportedMediaType(f"content type {media_type or '(none)'!r} is not supported; send one of {accepted}")
-    return decoder, body
+    return Upload(decoder, body, fields)
+
+
+async def pick_decoder(headers: Headers, body: bytes) -> tuple[Decoder, bytes]:
+    """:func:`read_upload` without the form fields."""
+    upload = await read_upload(headers, body)
+    return upload.decoder, upload.data
+
+
+def fhir_references(query: Mapping[str, str | None], fields: Mapping[str, str]) -> References:
+    """The report's references from the query string and the multipart fields (either place; not both differing).
+
+    Raises:
+        InvalidFhirReference: a value is not a reference of an allowed type (400; the value is never echoed).
+        BadRequest: the same name given differently in the query and the form.
+    """
+    merged: dict[str, str | None] = {}
+    for name in REFERENCE_TYPES:
+        in_query, in_form = query.get(name), fields.get(name)
+        if in_query and in_form and in_query != in_form:
+            raise BadRequest(f"{name!r} is given twice, differently: in the query string and as a form field")
+        merged[name] = in_query or in_form
+    return References.parse(merged)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ class RejectReason(StrEnum):
     TOO_LARGE = "too_large"
     UNSUPPORTED_TYPE = "unsupported_type"
     UNDECODABLE = "undecodable"
+    TOO_SMALL = "too_small"  # shorter side under LESIONSERVE_MIN_IMAGE_SIDE
     UNAUTHORIZED = "unauthorized"
     NOT_READY = "not_ready"
     SHUTTING_DOWN = "shutting_down"
@@ -28,6 +29,8 @@ class RejectReason(StrEnum):
     UPLOAD_TIMEOUT = "upload_timeout"
     UPLOAD_TOO_SLOW = "upload_too_slow"
     TOO_MANY_UPLOADS = "too_many_uploads"
+    OUTBOX_FULL = "outbox_full"  # the SR outbox is at its cap (PACS entries only)
+    OUTBOX_UNAVAILABLE = "outbox_unavailable"  # the SR outbox file cannot be written (disk full, read-only)
     # Refused at the connection, before any request (so never in lesionserve_requests_total).
     HEADER_TIMEOUT = "header_timeout"
     TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -209,3 +212,44 @@ for _e in PacsEntry:
         DICOM_INSTANCES_TOTAL.labels(entry=_e.value, outcome=_o.value)
     for _s in SrOutcome:
         SR_DELIVERIES_TOTAL.labels(entry=_e.value, outcome=_s.value)
+
+
+# --- the SR outbox (service/hospital/outbox.py, delivery.py): results waiting for the PACS ----------------
+class DeadReason(StrEnum):
+    """Why an SR was given up on and kept as a dead letter (``reason`` label)."""
+
+    REFUSED = "refused"  # the PACS refused it for good (SR class not accepted, Cannot Understand, 4xx)
+    ATTEMPTS = "attempts"  # OUTBOX_MAX_ATTEMPTS failed attempts
+    AGE = "age"  # older than OUTBOX_MAX_AGE_S
+
+
+# From a local PACS answering in tens of milliseconds to one down for a patch night (hours) or a weekend.
+OUTBOX_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+AUDIT_WRITE_FAILURES_TOTAL = Counter(
+    "lesionserve_audit_write_failures_total", "Audit lines that could not be written (kept in memory, retried)"
+)
+OUTBOX_PENDING = Gauge("lesionserve_outbox_pending", "SRs in the outbox waiting for delivery to the PACS")
+OUTBOX_DEAD_LETTERS = Gauge("lesionserve_outbox_dead_letters", "SRs given up on, kept for an operator (admin API)")
+OUTBOX_BYTES = Gauge("lesionserve_outbox_bytes", "Bytes of SRs held in the outbox (pending and dead letters)")
+OUTBOX_OLDEST_PENDING_AGE_SECONDS = Gauge(
+    "lesionserve_outbox_oldest_pending_age_seconds", "Age of the oldest SR waiting for delivery; 0 when none waits"
+)
+OUTBOX_DELIVERED_TOTAL = Counter(
+    "lesionserve_outbox_delivered_total", "SRs the PACS stored, from the outbox, by destination", ["destination"]
+)
+OUTBOX_RETRIES_TOTAL = Counter(
+    "lesionserve_outbox_retries_total", "Failed delivery attempts that will be retried, by destination", ["destination"]
+)
+OUTBOX_DEAD_LETTERED_TOTAL = Counter(
+    "lesionserve_outbox_dead_lettered_total", "SRs moved to the dead letters, by reason", ["reason"]
+)
+OUTBOX_DELIVERY_LATENCY_SECONDS = Histogram(
+    "lesionserve_outbox_delivery_latency_seconds",
+    "From the SR's write to the outbox to the PACS storing it",
+    buckets=OUTBOX_LATENCY_BUCKETS,
+)
+for _d in (PacsEntry.DIMSE, PacsEntry.STOW_RS):
+    OUTBOX_DELIVERED_TOTAL.labels(destination=_d.value)
+    OUTBOX_RETRIES_TOTAL.labels(destination=_d.value)
+for _r in DeadReason:
+    OUTBOX_DEAD_LETTERED_TOTAL.labels(reason=_r.value)

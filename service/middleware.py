@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE, ClientClosed, problem_body
 from service.logs import describe_exception
 
@@ -36,6 +36,12 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
+def head_bytes(scope: Scope) -> int:
+    """The size of the request line and headers as sent (near enough: the separators are counted per line)."""
+    line = len(scope["method"]) + len(scope.get("raw_path") or scope["path"].encode()) + 12  # " ", " HTTP/1.1\r\n"
+    return line + len(scope.get("query_string", b"")) + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+
+
 class RequestContextMiddleware:
     """Sets ``request.state.request_id``, echoes ``X-Request-ID``, records metrics and one log line.
 
@@ -44,6 +50,8 @@ class RequestContextMiddleware:
         draining: says whether the process is draining; then every response carries
             ``Connection: close`` so that no client sends its next request down a connection
             that the shutdown is about to close.
+        max_head_bytes: request line + headers, at most (``MAX_HEADER_BYTES``). h11's limit only applies
+            to a head still incomplete in its buffer: one that arrives whole in a read (65 KB) passed it.
     """
 
     def __init__(
@@ -51,9 +59,11 @@ class RequestContextMiddleware:
         app: ASGIApp,
         draining: Callable[[], bool] = lambda: False,
         on_complete: Callable[[str, Scope, int, float], None] | None = None,
+        max_head_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.draining = draining
+        self.max_head_bytes = max_head_bytes
         self.on_complete = on_complete  # (route, scope, status, seconds): the audit trail
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -65,6 +75,10 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         started = False
+        size = head_bytes(scope)
+        if self.max_head_bytes is not None and size > self.max_head_bytes:
+            await self._head_too_large(scope, send, request_id, size)
+            return
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
@@ -79,6 +93,8 @@ class RequestContextMiddleware:
 
         metrics.IN_FLIGHT_REQUESTS.inc()
         method = metrics.Method.of(scope["method"])
+        # The request's span, child of the caller's traceparent; current until the access and audit lines are out.
+        traced = tracing.start_request(method.value, scope.get("scheme", "http"), scope["headers"])
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
@@ -112,10 +128,23 @@ class RequestContextMiddleware:
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 2),
                     "key_id": state.get("key_id"),
+                    "trace_id": traced.trace_id if traced is not None else None,
                     # 499: the client hung up before its answer; an ordinary event, logged like any answer
                     **({"outcome": "client_closed"} if status == ClientClosed.status else {}),
                 },
             )
+            tracing.end_request(traced, route, status, request_id)
+
+    async def _head_too_large(self, scope: Scope, send: Send, request_id: str, size: int) -> None:
+        """400 and the connection closed, as h11 answers an incomplete head over the limit; counted, logged."""
+        metrics.REQUESTS_TOTAL.labels(route=UNMATCHED, method=metrics.Method.of(scope["method"]), status="400").inc()
+        log.info("request head too large", extra={"request_id": request_id, "head_bytes": size})
+        detail = f"the request line and headers are {size} bytes; the limit is {self.max_head_bytes}"
+        payload = json.dumps(problem_body(400, "bad-request", "Malformed request", detail, None, request_id)).encode()
+        headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()), (b"content-length", str(len(payload)).encode()),
+                   (b"connection", b"close"), (b"x-request-id", request_id.encode())]  # fmt: skip
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
     @staticmethod
     async def _internal_error(scope: Scope, send: Send, request_id: str) -> None:

@@ -6,18 +6,19 @@ import time
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import metrics
+from service import metrics, tracing
 from service.batcher import Prediction
 from service.clients import ClientWatch
-from service.errors import PROBLEM_CONTENT_TYPE, NotAcceptable
+from service.errors import PROBLEM_CONTENT_TYPE, BadRequest, NotAcceptable
 from service.explain import OOD_WARNING, enforce, ood_check
 from service.hospital.dicom import decode_dicom
+from service.hospital.fhir import REFERENCE_TYPES
 from service.imaging import DecodedImage
-from service.media import pick_decoder, pick_renderer, render_dicom_sr
+from service.media import fhir_references, pick_renderer, read_upload, render_dicom_sr, render_fhir
 from service.runtime import Runtime
 from service.schemas import (
     ClassifyResponse,
@@ -32,9 +33,12 @@ from service.schemas import (
     malignancy,
     rank,
 )
+from service.version import SERVICE_VERSION
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # The dependencies are coroutines: a plain ``def`` would run in anyio's 40 worker threads, the pool that
+    # blocking calls share, and a probe would wait behind them (issue 28: /readyz took 27 s with a PACS down).
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -42,11 +46,11 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def require_key(request: Request, rt: RuntimeDep) -> None:
+async def require_key(request: Request, rt: RuntimeDep) -> None:
     request.state.key_id = rt.keys.identify(request.headers.get("authorization"))
 
 
-def require_metrics_key(request: Request, rt: RuntimeDep) -> None:
+async def require_metrics_key(request: Request, rt: RuntimeDep) -> None:
     # With API keys on, /metrics wants one too unless METRICS_AUTH=false: the counts per class and
     # the model hash are not for anyone on the network (a scraper gets a metrics-only key).
     if rt.metrics_auth:
@@ -63,7 +67,17 @@ _CLASSIFY_BODY: dict[str, Any] = {
             "image/png": _BINARY,
             "application/dicom": _BINARY,
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"image": _BINARY["schema"]}, "required": ["image"]}
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": _BINARY["schema"],
+                        **{
+                            name: {"type": "string", "description": "as the query parameter"}
+                            for name in REFERENCE_TYPES
+                        },
+                    },
+                    "required": ["image"],
+                }
             },
         },
     }
@@ -79,11 +93,16 @@ _CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
         (408, "Upload too slow or too long (LESIONSERVE_BODY_*); the connection is closed"),
         (413, "Too many bytes or pixels"),
         (415, "Unsupported content type"),
-        (422, "The image looks unlike the training data (LESIONSERVE_OOD_POLICY=reject)"),
+        (422, "Image too small (LESIONSERVE_MIN_IMAGE_SIDE), or unlike the training data (OOD_POLICY=reject)"),
         (503, "Overloaded (queue, decode queue or uploads), warming up or shutting down (see Retry-After)"),
         (504, "Deadline passed"),
     ]
 }
+
+_REF_DOC = (
+    "FHIR reference to {} for the FHIR answer (Accept: application/fhir+json), e.g. {}; relative or absolute. "
+    "Also accepted as a multipart field. Checked (400 invalid-fhir-reference), never logged."
+)
 
 router = APIRouter()
 
@@ -98,21 +117,39 @@ CLASSIFY_ROUTE = "/v1/classify"
     openapi_extra=_CLASSIFY_BODY,
     responses=_CLASSIFY_ERRORS,
 )
-async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> Response:
+async def classify(
+    request: Request,
+    rt: RuntimeDep,
+    explain: bool = False,
+    explain_class: Annotated[
+        str | None,
+        Query(
+            description="The class the heatmap explains (a class code; implies explain=true); default: the top class"
+        ),
+    ] = None,
+    subject: Annotated[str | None, Query(description=_REF_DOC.format("the patient", "Patient/123"))] = None,
+    based_on: Annotated[str | None, Query(description=_REF_DOC.format("the order", "ServiceRequest/456"))] = None,
+    encounter: Annotated[str | None, Query(description=_REF_DOC.format("the encounter", "Encounter/789"))] = None,
+) -> Response:
     """Classify one dermoscopic image: multipart field ``image`` or a raw JPEG, PNG or DICOM body.
 
     ``Accept: application/fhir+json`` answers a FHIR R4 DiagnosticReport instead of the JSON below;
     ``Accept: application/dicom`` a DICOM Comprehensive SR in the source's study (DICOM input only, else 406).
     ``?explain=true`` adds a class activation heatmap of the top class over the model's input.
+    ``subject``, ``based_on``, ``encounter`` (query or multipart fields): FHIR references the DiagnosticReport carries.
     """
     start = time.perf_counter()
     render = pick_renderer(request.headers.get("accept"))  # 406 before any work is done
     declared = request.headers.get("content-length")
     async with rt.work(), ClientWatch(request.receive, rt.uploads, declared) as client:
-        body = await client.read_body(rt.settings.max_upload_bytes)  # 408/413/499/503 (service.clients)
+        with tracing.span("upload read"):
+            body = await client.read_body(rt.settings.max_upload_bytes)  # 408/413/499/503 (service.clients)
         deadline = time.monotonic() + rt.settings.request_timeout_s  # the upload had its own (body_timeout_s)
         request.state.upload = body  # the audit line keeps its sha256 and length, never the bytes
-        decoder, data = await pick_decoder(request.headers, body)
+        upload = await read_upload(request.headers, body)
+        decoder, data = upload.decoder, upload.data
+        # Checked before any decode; they identify a patient, so they stay in this frame: no state, no log.
+        references = fhir_references({"subject": subject, "based_on": based_on, "encounter": encounter}, upload.fields)
         if render is render_dicom_sr and decoder is not decode_dicom:
             raise NotAcceptable("a DICOM SR (Accept: application/dicom) answers a DICOM input only; send DICOM")
         decoded = await rt.decode(decoder, data, deadline)
@@ -122,13 +159,19 @@ async def classify(request: Request, rt: RuntimeDep, explain: bool = False) -> R
         request.state.model_ref = rt.bound(prediction).ref()  # the audit line names the model that answered
         ood = ood_check(rt.bound(prediction).meta, prediction.extras)
         enforce(ood, rt.settings.ood_policy)  # LESIONSERVE_OOD_POLICY=reject: 422
-        explanation = await rt.explain(decoded, prediction, deadline) if explain else None
+        if explain_class is not None and explain_class not in rt.bound(prediction).meta.classes:
+            raise BadRequest(f"explain_class {explain_class[:32]!r} is not one of the model's classes (GET /v1/models)")
+        wanted = explain or explain_class is not None
+        explanation = await rt.explain(decoded, prediction, deadline, explain_class) if wanted else None
     answer = build_answer(
         rt, request.state.request_id, decoded, prediction, time.perf_counter() - start, ood, explanation
     )
     count_answer(answer)
+    request.state.answer = answer_summary(answer)  # the audit line says what was answered
     if render is render_dicom_sr:  # the SR needs the source header: built off the event loop
         return await run_in_threadpool(render_dicom_sr, answer, data)
+    if render is render_fhir:
+        return render_fhir(answer, references)
     return render(answer)
 
 
@@ -137,6 +180,12 @@ def count_answer(answer: ClassifyResponse) -> None:
     metrics.PREDICTIONS_TOTAL.labels(class_code=answer.top.code).inc()
     if answer.malignancy.above_threshold:
         metrics.MALIGNANCY_FLAGGED_TOTAL.inc()
+
+
+def answer_summary(answer: ClassifyResponse) -> dict[str, Any]:
+    """What the audit line records of an answer: class code and two flags, nothing a patient could be found by."""
+    ood = answer.ood.out_of_distribution if answer.ood is not None and answer.ood.available else None
+    return {"top": answer.top.code, "malignant": answer.malignancy.above_threshold, "ood": ood}
 
 
 def build_answer(
@@ -188,7 +237,7 @@ async def models(rt: RuntimeDep) -> ModelsResponse:
         max_wait_ms=rt.settings.max_wait_ms,
         ood=asdict(m.ood) if m.ood else None, cam=asdict(m.cam) if m.cam else None,
     )  # fmt: skip
-    return ModelsResponse(models=[info])
+    return ModelsResponse(service_version=SERVICE_VERSION, models=[info])
 
 
 @router.get("/healthz", response_model=Health)
@@ -206,6 +255,9 @@ async def readyz(rt: RuntimeDep, response: Response) -> Health:
     if not rt.ready.is_set():
         response.status_code = 503
         return Health(status="warm-up failed" if rt.warm_up_error else "warming up")
+    if not rt.audit_writable():  # AUDIT_ON_FAILURE=closed: the balancer sends no work here meanwhile
+        response.status_code = 503
+        return Health(status="audit not writable")
     return Health(status="ready")
 
 

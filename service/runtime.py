@@ -15,15 +15,15 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import cv2
 
-from service import metrics
+from service import metrics, tracing
 from service.audit import AuditLog
 from service.auth import ApiKeys
 from service.batcher import Batcher, Prediction, Target
@@ -31,9 +31,9 @@ from service.clients import Uploads
 from service.config import Settings
 from service.contract import ModelMetadata
 from service.decodepool import DecodePool
-from service.errors import DeadlineExceeded, ModelNotReady, ShuttingDown
+from service.errors import AuditNotWritable, DeadlineExceeded, ModelNotReady, ShuttingDown
 from service.explain import explanation
-from service.imaging import DecodedImage
+from service.imaging import DecodedImage, check_min_side
 from service.inference import InferenceModel, ModelLoadError, MultiOutputModel
 from service.media import Decoder
 from service.schemas import Explanation
@@ -114,9 +114,15 @@ class Runtime:
         self.ready = threading.Event()
         self.draining = False
         self.in_flight = 0
+        self._held = 0  # hospital entries between receipt and their last step (SR committed, audited)
+        self._held_lock = threading.Lock()
         self.warm_up_error: str | None = None
         key = settings.audit_uid_key.get_secret_value().encode() if settings.audit_uid_key else None
-        self.audit = None if settings.audit_log == "off" else AuditLog(settings.audit_log, uid_key=key)
+        self.audit = (
+            None
+            if settings.audit_log == "off"
+            else AuditLog(settings.audit_log, uid_key=key, on_failure=metrics.AUDIT_WRITE_FAILURES_TOTAL.inc)
+        )
         self.switch(self.served)
 
     def serve(self, model: InferenceModel, path: Path | None = None) -> Served:
@@ -202,7 +208,23 @@ class Runtime:
         log.info("draining: refusing new work", extra={"in_flight": self.in_flight, "queued": self.batcher.depth()})
 
     def idle(self) -> bool:
-        return self.in_flight == 0 and self.batcher.depth() == 0
+        return self.in_flight == 0 and self._held == 0 and self.batcher.depth() == 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the drain waiting for a hospital entry's whole handling, not just its classification.
+
+        A C-STORE or STOW-RS is done when its SR is committed to the outbox and its audit line written; the
+        classification (:meth:`work`) is only the middle of it. Any thread may hold; refusal while draining is
+        still :meth:`work`'s (ShuttingDown: A700 / 503), so a sender always gets a status.
+        """
+        with self._held_lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._held_lock:
+                self._held -= 1
 
     def wait_idle(self, timeout: float) -> bool:
         """Block (in a non-loop thread) until no request is in flight, or ``timeout`` passes."""
@@ -234,6 +256,7 @@ class Runtime:
             request_id=state.get("request_id", ""), key_id=state.get("key_id"), model=model if status < 400 else None,
             body=state.get("upload"), content_type=content_type, status=status,
             problem_type=state.get("problem_type"), latency_ms=elapsed_s * 1000, identifiers=state.get("identifiers"),
+            answer=state.get("answer") if status < 400 else None,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -247,6 +270,10 @@ class Runtime:
         metrics.READY.set(0)
         if self.audit is not None:
             self.audit.close()
+
+    def audit_writable(self) -> bool:
+        """False only under AUDIT_ON_FAILURE=closed while audit lines wait to be written (each call retries them)."""
+        return self.settings.audit_on_failure == "open" or self.audit is None or self.audit.healthy
 
     @asynccontextmanager
     async def work(self) -> AsyncIterator[float]:
@@ -262,12 +289,17 @@ class Runtime:
             )
         if not self.ready.is_set():
             raise ModelNotReady("the model is warming up; retry shortly", headers={"Retry-After": "1"})
+        if not self.audit_writable():
+            raise AuditNotWritable(
+                "audit lines cannot be written (disk full?); no new work until they are", headers={"Retry-After": "5"}
+            )
         self.in_flight += 1
         try:
             yield time.monotonic() + self.settings.request_timeout_s
         finally:
             self.in_flight -= 1
 
+    @tracing.traced("decode")
     async def decode(self, decoder: Decoder, data: bytes, deadline: float | None = None) -> DecodedImage:
         """Decode in the pool; the batcher is told an image is coming so it may wait for it.
 
@@ -282,18 +314,22 @@ class Runtime:
             until = time.monotonic() + self.settings.request_timeout_s if deadline is None else deadline
             size = served.meta.input_size
             decoded = await self._pool.run(decoder, data, size, self.settings.max_pixels, deadline=until)
+            check_min_side(decoded, self.settings.min_image_side or max(1, size // 2))  # every entry decodes here
         except BaseException:
             self.batcher.expect(-1)
             raise
         metrics.DECODE_DURATION_SECONDS.observe(decoded.decode_s)
         return BoundImage(**{f.name: getattr(decoded, f.name) for f in fields(DecodedImage)}, served=served)
 
-    async def explain(self, decoded: DecodedImage, prediction: Prediction, deadline: float) -> Explanation:
-        """The heatmap of the top class over the model's input, drawn in the decode pool by ``deadline``."""
+    async def explain(
+        self, decoded: DecodedImage, prediction: Prediction, deadline: float, class_code: str | None = None
+    ) -> Explanation:
+        """The heatmap of ``class_code`` (None: the top class) over the model's input, drawn in the decode pool."""
         meta = self.bound(prediction).meta
         return await self._pool.run(
-            explanation, meta, decoded.pixels, prediction.probabilities, prediction.extras, deadline=deadline
-        )
+            explanation, meta, decoded.pixels, prediction.probabilities, prediction.extras, class_code,
+            deadline=deadline,
+        )  # fmt: skip
 
     async def predict(self, decoded: DecodedImage, deadline: float) -> Prediction:
         """Queue a :meth:`decode` result for batched inference and wait, at most until ``deadline``."""

@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.contract import ModelMetadata
+from service.version import SERVICE_VERSION
 
 
 class ModelRef(BaseModel):
@@ -101,6 +102,7 @@ class ClassifyResponse(BaseModel):
     dicom: DicomInfo | None = Field(None, description="Present when the upload was DICOM")
     ood: OodCheck | None = Field(None, description="The out-of-distribution check (always set by the service)")
     explanation: Explanation | None = Field(None, description="Present when asked for with ?explain=true")
+    service_version: str = Field(SERVICE_VERSION, description="Version of lesionserve that made this answer")
 
 
 class ModelInfo(BaseModel):
@@ -119,7 +121,10 @@ class ModelInfo(BaseModel):
     architecture: list[str]
     ensemble_size: int
     temperature: list[float]
-    metrics: dict[str, object]
+    metrics: dict[str, object] = Field(
+        description="Validation metrics from the training run (an ensemble: each member's and their mean); "
+        "not the held-out test set, whose figures are in the model card (GET /v1/models/card)"
+    )
     training_data: dict[str, str]
     exported_at: str
     batch_sizes: list[int]
@@ -130,6 +135,7 @@ class ModelInfo(BaseModel):
 
 
 class ModelsResponse(BaseModel):
+    service_version: str = Field(description="Version of lesionserve itself (the model's is models[].version)")
     models: list[ModelInfo]
 
 

@@ -1,4 +1,4 @@
-"""The package boundaries of DESIGN.md, checked rather than trusted."""
+"""The package boundaries (docs/overview.md "Layout"), checked rather than trusted."""
 
 from __future__ import annotations
 

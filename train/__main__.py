@@ -9,17 +9,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import typing
+from pathlib import Path
 
-from train.config import TrainConfig, load_config
+from train.config import CHOICES, TrainConfig, load_config
 from train.data import DataError
+
+
+def field_comments() -> dict[str, str]:
+    """Each TrainConfig field's trailing comment in train/config.py: one source for the code and ``--help``."""
+    source = (Path(__file__).parent / "config.py").read_text()
+    return dict(re.findall(r"^    (\w+): [^\n]*?#\s*(.+)$", source, flags=re.MULTILINE))
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m train", description="Train a lesion classifier (see docs/training.md)."
+        prog="python -m train",
+        description="Train a lesion classifier (see docs/training.md). Runs in the virtualenv of `make train`.",
     )
+    comments = field_comments()
     ap.add_argument("--config", help="YAML file of config fields; command-line flags override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -28,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         kind = hints[f.name]
         if kind is bool:
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                            help=f"(default {default})")  # fmt: skip
+                            help=f"{comments.get(f.name, '')} (default {default})".strip())  # fmt: skip
         elif f.name == "teacher":  # repeatable, one file per flag
             ap.add_argument(
                 flag, dest=f.name, action="append", default=None, help="repeatable: --teacher a.pt --teacher b.onnx"
@@ -37,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, dest=f.name, default=None, type=lambda s: [c.strip() for c in s.split(",") if c],
                             help="comma-separated, e.g. akiec,bcc,bkl,df,mel,nv,vasc")  # fmt: skip
         else:
-            ap.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {default!r})")
+            choices = CHOICES.get(f.name)
+            what = comments.get(f.name, "")
+            if choices:
+                what = f"one of {{{','.join(choices)}}}"
+            ap.add_argument(
+                flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
+                help=f"{what} (default {default!r})".strip(),
+            )  # fmt: skip
     return ap
 
 

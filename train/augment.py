@@ -28,6 +28,9 @@ class AugmentParams:
     scale_min: float = 0.7
     hsv: float = 0.1
     cutout: float = 0.0
+    sharpness: float = 0.0
+    white_balance: float = 0.0
+    vignette: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 0.5
@@ -109,12 +112,50 @@ def cutout(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(mask, 0.5)
 
 
+def sharpness(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Blur or sharpen each image: ``x + a * (x - blur(x))`` with ``a`` in ``[-strength, strength]``.
+
+    ``a = -1`` is a 3x3 binomial blur, ``a > 0`` an unsharp mask: dermatoscopes and their exports
+    differ most in resolution and sharpness (HAM10000's 600x450 frames against 3000-px archive
+    images), and a model that has only seen one sharpness reads the other as a different lesion.
+    """
+    b, c = x.shape[:2]
+    a = _rand(gen, b, -strength, strength).clamp(min=-1.0).to(x.device).view(b, 1, 1, 1)
+    k1 = torch.tensor([1.0, 2.0, 1.0], device=x.device)
+    k = (k1[:, None] * k1[None, :] / 16).expand(c, 1, 3, 3)
+    blur = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+    return (x + a * (x - blur)).clamp_(0, 1)
+
+
+def white_balance(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """A per-channel gain in ``1 +- strength`` (the illuminant and white balance of another camera)."""
+    b = x.shape[0]
+    gain = _rand(gen, b * 3, 1 - strength, 1 + strength).view(b, 3, 1, 1).to(x.device)
+    return (x * gain).clamp_(0, 1)
+
+
+def vignette(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Dark corners: brightness falls off with the squared distance from the centre, by up to ``strength``."""
+    b, _, h, w = x.shape
+    depth = _rand(gen, b, 0.0, strength).to(x.device).view(b, 1, 1, 1)
+    ys = torch.linspace(-1, 1, h, device=x.device).view(1, 1, h, 1)
+    xs = torch.linspace(-1, 1, w, device=x.device).view(1, 1, 1, w)
+    r2 = (ys**2 + xs**2) / 2  # 0 at the centre, 1 in the corners
+    return x * (1 - depth * r2)
+
+
 def augment(x_uint8: torch.Tensor, p: AugmentParams, gen: torch.Generator, norm: Norm = IMAGENET_NORM) -> torch.Tensor:
     """Training path: uint8 ``(B, S, S, 3)`` -> augmented, normalised float ``(B, 3, S, S)``."""
     x = to_float(x_uint8)
     x = geometric(x, p, gen)
+    if p.sharpness > 0:
+        x = sharpness(x, p.sharpness, gen)
     if p.hsv > 0:
         x = colour(x, p.hsv, gen)
+    if p.white_balance > 0:
+        x = white_balance(x, p.white_balance, gen)
+    if p.vignette > 0:
+        x = vignette(x, p.vignette, gen)
     if p.cutout > 0:
         x = cutout(x, p.cutout, gen)
     return normalize(x, norm)
@@ -154,3 +195,21 @@ def _beta(alpha: float, gen: torch.Generator) -> float:
     """Beta(alpha, alpha) drawn reproducibly: torch.distributions ignores generators, so seed numpy from ``gen``."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def prepare_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    aug: AugmentParams | None,
+    gen: torch.Generator,
+    channels_last: bool = False,
+    norm: Norm = IMAGENET_NORM,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Cached uint8 batch -> augmented, mixed model input ``(xb, y_a, y_b, lam)``; ``aug=None``: no augmentation."""
+    if aug is None:
+        xb, ya, yb, lam = model_input(x, norm), y, y, 1.0
+    else:
+        xb, ya, yb, lam = mix(augment(x, aug, gen, norm), y, aug, gen)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, ya, yb, lam

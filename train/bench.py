@@ -2,6 +2,8 @@
 
 ``python -m train.bench --data ../shared/data/ham10000 --arch resnet18 --img-size 64 --batch-size 64``
 ``python -m train.bench --data ../shared/data/ham10000 --arch resnet18,efficientnet_lite0 --img-size 128 --batch-size 32``
+``python -m train.bench --compare --data ../shared/data/ham10000 --arch efficientnet_lite0 --img-size 160 --batch-size 32``
+(old vs new training path: train/bench_compare.py)
 
 Both loops use the same model, batch size, optimiser and :func:`train.engine.train_step`.
 "bare" feeds one ready, normalised float batch over and over; "pipeline" does what
@@ -21,10 +23,11 @@ import time
 import numpy as np
 import torch
 
-from train.augment import AugmentParams, model_input
+from train import bench_compare
+from train.augment import AugmentParams, model_input, prepare_batch
 from train.config import TrainConfig
 from train.data import load_images, load_labelled
-from train.engine import build_optimizer, prepare_batch, train_step
+from train.engine import build_optimizer, train_step
 from train.losses import build_loss
 from train.models import build_model, input_normalization
 
@@ -99,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=1024, help="images decoded into the cache")
     ap.add_argument("--steps", type=int, default=5, help="steps per loop per round")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--compare", action="store_true",
+                    help="old vs new training path, alternating epochs (train/bench_compare.py)")  # fmt: skip
+    bench_compare.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.compare:
+        print(json.dumps(bench_compare.compare(args), indent=2))
+        return 0
     results = []
     for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
         results.append(measure(argparse.Namespace(**{**vars(args), "arch": arch})))

@@ -15,11 +15,25 @@ import yaml
 
 from train.models import ARCHITECTURES
 
+CACHE_VIEW_COUNTS = (0, 1, 2, 4, 8)  # dihedral views: none, identity, + horizontal flip, flips group, D4
+
 LOSSES = ("ce", "weighted_ce", "focal")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 WEIGHTINGS = ("inverse", "effective")
 MONITORS = ("balanced_accuracy", "macro_f1", "auc_macro", "accuracy", "val_loss")
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
+# The allowed values of the fields that have a fixed set: validate() checks them, `--help` lists them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "arch": ARCHITECTURES,
+    "head": ("linear", "mlp"),
+    "loss": LOSSES,
+    "optimizer": OPTIMIZERS,
+    "scheduler": SCHEDULERS,
+    "class_weighting": WEIGHTINGS,
+    "monitor": MONITORS,
+    "sampler": ("none", "balanced"),
+}
 
 
 @dataclass
@@ -60,6 +74,9 @@ class TrainConfig:
     scale_min: float = 0.7  # random resized crop: min area fraction
     hsv: float = 0.1  # colour jitter strength (0 = off)
     cutout: float = 0.0  # probability of one cutout square per image
+    sharpness: float = 0.0  # blur (-) / sharpen (+) strength range (0 = off; 1 = up to a 3x3 blur)
+    white_balance: float = 0.0  # per-channel gain range +- (illuminant / camera white balance; 0 = off)
+    vignette: float = 0.0  # darkening of the corners, up to this fraction (0 = off)
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) for Mixup (0 = off)
     cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for CutMix (0 = off)
     mix_prob: float = 0.5  # probability that a batch is mixed (when mixup/cutmix is on)
@@ -82,10 +99,17 @@ class TrainConfig:
     kd_temperature: float = 2.0  # softening temperature T of teacher and student
     monitor: str = "balanced_accuracy"  # early stopping / best-checkpoint metric
     patience: int = 0  # early-stopping patience in epochs (0 = off)
+    # CPU throughput (train/frozen.py, train/batches.py, train/progressive.py; docs/training.md measures each)
+    frozen_blocks: int = 0  # Lite: freeze the stem and the first N blocks (no gradient, BN in eval; 0 = off)
+    recalibrate_bn: bool = True  # re-estimate the frozen blocks' BN statistics on the training images first
+    cache_views: int = 0  # cache the frozen blocks' outputs for 1, 2, 4 or 8 dihedral views of every image (0 = off)
+    cache_refresh: int = 0  # rebuild the cache every N epochs from fresh crop/colour draws (0 = once, plain)
+    progressive_start_size: int = 0  # first epoch's image size, rising linearly to img_size (0 = off)
+    progressive_epochs: int = 0  # epochs of that ramp; from then on img_size
     # runtime
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1'
     amp: bool = True  # mixed precision (CUDA only)
-    channels_last: bool = True  # (CUDA only)
+    channels_last: bool = True  # NHWC activations (CUDA and CPU)
     threads: int = 0  # torch CPU threads (0 = torch default)
     load_workers: int = 2  # threads decoding images into the cache
     resume: bool = False  # continue from OUT/last.pt when it exists
@@ -112,17 +136,38 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label_smoothing: {self.label_smoothing} not in [0, 1)"),
             (self.focal_gamma >= 0, f"focal_gamma: {self.focal_gamma} must be >= 0"),
             (0 <= self.mix_prob <= 1 and 0 <= self.cutout <= 1, "mix_prob and cutout are probabilities"),
+            (self.sharpness >= 0, f"sharpness: {self.sharpness} must be >= 0"),
+            (0 <= self.white_balance < 1, f"white_balance: {self.white_balance} not in [0, 1)"),
+            (0 <= self.vignette <= 1, f"vignette: {self.vignette} not in [0, 1]"),
             (0 <= self.freeze_epochs < self.epochs, f"freeze_epochs: {self.freeze_epochs}; must be in [0, epochs)"),
             (self.backbone_lr_mult > 0, f"backbone_lr_mult: {self.backbone_lr_mult} must be > 0"),
             (0 <= self.ema < 1, f"ema: {self.ema}; a decay in [0, 1) (0 = off)"),
             (0 <= self.kd_alpha <= 1, f"kd_alpha: {self.kd_alpha} not in [0, 1]"),
             (self.kd_temperature > 0, f"kd_temperature: {self.kd_temperature} must be > 0"),
         ]
+        checks += self._speed_checks()
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"config: {msg}")
         if self.loss == "focal" and self.label_smoothing > 0:
             raise ValueError("config: label_smoothing applies to 'ce'/'weighted_ce', not to 'focal'")
+
+    def _speed_checks(self) -> list[tuple[bool, str]]:
+        lite = self.arch.startswith("efficientnet_lite")
+        return [
+            (self.frozen_blocks >= 0, f"frozen_blocks: {self.frozen_blocks} must be >= 0"),
+            (not self.frozen_blocks or lite, f"frozen_blocks: only for efficientnet_lite*, not {self.arch}"),
+            (self.cache_views in CACHE_VIEW_COUNTS, f"cache_views: {self.cache_views}; one of {CACHE_VIEW_COUNTS}"),
+            (not self.cache_views or self.frozen_blocks > 0, "cache_views: caches the frozen blocks; set frozen_blocks"),
+            (not self.cache_views or not (self.mixup_alpha or self.cutmix_alpha),
+             "cache_views: Mixup/CutMix mix pixels, which a feature cache no longer has; turn them off or the cache"),
+            (self.cache_refresh >= 0, f"cache_refresh: {self.cache_refresh} must be >= 0"),
+            (not self.progressive_start_size or 16 <= self.progressive_start_size < self.img_size,
+             f"progressive_start_size: {self.progressive_start_size}; in [16, img_size) or 0 (off)"),
+            (0 <= self.progressive_epochs < self.epochs, f"progressive_epochs: {self.progressive_epochs}; in [0, epochs)"),
+            (bool(self.progressive_start_size) == bool(self.progressive_epochs),
+             "progressive_start_size and progressive_epochs go together (both set, or both 0)"),
+        ]  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from train.augment import AugmentParams, augment, mix, model_input
+from train.augment import model_input
+from train.batches import BatchSource
 from train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.distill import Distiller
@@ -71,8 +72,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, head_prefixes: tuple[str
         named = [
             (n, p)
             for n, p in model.named_parameters()
-            if n.removeprefix("module.").startswith(head_prefixes) == is_head
-        ]
+            if n.removeprefix("module.").startswith(head_prefixes) == is_head and p.requires_grad
+        ]  # frozen early blocks (--frozen-blocks) have requires_grad False and stay out
         lr = cfg.lr if is_head or not head_prefixes else cfg.lr * cfg.backbone_lr_mult
         decay = [p for _, p in named if p.ndim > 1]
         no_decay = [p for _, p in named if p.ndim <= 1]
@@ -88,7 +89,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, head_prefixes: tuple[str
 
 
 def set_backbone_trainable(model: nn.Module, head_prefixes: tuple[str, ...], trainable: bool) -> None:
-    """Freeze or unfreeze every parameter outside the head (frozen: no gradient, the optimiser skips it)."""
+    """Freeze or unfreeze every parameter outside the head (frozen: no gradient, the optimiser skips it).
+
+    Unfreezing also thaws ``--frozen-blocks``; ``BatchSource.start_epoch`` freezes those again.
+    """
     for n, p in model.named_parameters():
         if not n.removeprefix("module.").startswith(head_prefixes):
             p.requires_grad_(trainable)
@@ -120,24 +124,6 @@ def predict_logits(
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             outs.append(model(xb).float().cpu())
     return torch.cat(outs).numpy()
-
-
-def prepare_batch(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    aug: AugmentParams | None,
-    gen: torch.Generator,
-    channels_last: bool = False,
-    norm: Norm = IMAGENET_NORM,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Cached uint8 batch -> augmented, mixed model input ``(xb, y_a, y_b, lam)``; ``aug=None``: no augmentation."""
-    if aug is None:
-        xb, ya, yb, lam = model_input(x, norm), y, y, 1.0
-    else:
-        xb, ya, yb, lam = mix(augment(x, aug, gen, norm), y, aug, gen)
-    if channels_last:
-        xb = xb.contiguous(memory_format=torch.channels_last)
-    return xb, ya, yb, lam
 
 
 def train_step(
@@ -210,20 +196,23 @@ def fit(
     core = model.module if hasattr(model, "module") else model
     norm = input_normalization(cfg.arch)
     heads: tuple[str, ...] = core.head_parameter_prefixes() if hasattr(core, "head_parameter_prefixes") else ()
-    # EMA of the weights (and BN buffers): validation, best.pt and the exported model use it.
-    ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
-    scored: nn.Module = ema.module if ema is not None else core
     if distiller is not None:
         distiller = distiller.to(device)
     cuda = device.type == "cuda"
-    cl = cuda and cfg.channels_last
+    cl = cfg.channels_last  # on CPU too: oneDNN's convolutions are faster in NHWC (docs/training.md)
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp and amp_dtype == torch.float16)
-    aug = AugmentParams(
-        **{k: getattr(cfg, k) for k in AugmentParams.__dataclass_fields__}  # same names as the config
-    )
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = max(1, (len(train.y) // d.world) // cfg.batch_size)  # drop the ragged last batch: BN needs > 1
+    if cfg.cache_views and d.world > 1:
+        raise ValueError(
+            "config: cache_views is single-process (each rank would cache every image); use 0 under torchrun"
+        )
+    # Freezing (and BN recalibration) happen here, before the optimiser and the EMA copy are made.
+    source = BatchSource(cfg, model, core, train.x.to(device), norm, device)
+    # EMA of the weights (and BN buffers): validation, best.pt and the exported model use it.
+    ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    scored: nn.Module = ema.module if ema is not None else core
     opt = build_optimizer(cfg, model, heads)
     sched: Any = None
     if cfg.scheduler == "cosine":
@@ -251,7 +240,7 @@ def fit(
         best_metrics = dict(ck.extra.get("best_metrics", {}))
         start = ck.epoch
         log.info("resumed from %s at epoch %d (best %s=%.4f)", last, start, cfg.monitor, best_score)
-    xtr, ytr = train.x.to(device), train.y.to(device)
+    ytr = train.y.to(device)
     for epoch in range(start, cfg.epochs):
         frozen = epoch < cfg.freeze_epochs and bool(heads)
         set_backbone_trainable(core, heads, not frozen)
@@ -259,6 +248,7 @@ def fit(
             log.info("epoch %d: backbone frozen, training the head only", epoch + 1)
         model.train()
         t0, seen, total = time.perf_counter(), 0, 0.0
+        source.start_epoch(epoch, gen)  # inside the timed epoch: a cache build is part of its cost
         idx = _epoch_indices(cfg, train.y, gen, d)
         bar = tqdm(
             range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and d.main), leave=False
@@ -266,13 +256,12 @@ def fit(
         for s in bar:
             bi = idx[s * cfg.batch_size : (s + 1) * cfg.batch_size].to(device)
             # Labels are the batch rows 0..B-1 so that the mix's pairing is known (the teachers need it).
-            rows = torch.arange(len(bi), device=device)
-            xb, ra, rb, lam = prepare_batch(xtr[bi], rows, aug if cfg.augment else None, gen, cl, norm)
+            xb, ra, rb, lam = source.batch(bi, gen)
             kd = None
             if distiller is not None:
                 kd = partial(distiller.loss, rows_a=bi[ra], rows_b=bi[rb], lam=lam)
             loss = train_step(
-                model, loss_fn, opt, scaler, xb, ytr[bi][ra], ytr[bi][rb], lam,
+                source.net, loss_fn, opt, scaler, xb, ytr[bi][ra], ytr[bi][rb], lam,
                 amp_dtype if cuda and cfg.amp else None, kd, cfg.kd_alpha,
             )  # fmt: skip
             if ema is not None:

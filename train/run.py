@@ -77,7 +77,7 @@ def train_one(
         load_pretrained(model, resolve_pretrained(cfg.arch, cfg.pretrained))
     mean, std = norm = input_normalization(cfg.arch)
     model = model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:  # CPU too (oneDNN): docs/training.md measures it
         model = model.to(memory_format=torch.channels_last)
     counts = np.bincount(data.labels[parts["train"]], minlength=len(classes))
     loss_fn = build_loss(
@@ -102,7 +102,7 @@ def train_one(
     res = fit(cfg, net, loss_fn, tr, va, classes, out, make_ckpt, device, d, kd)
     model.load_state_dict(res.best_state)
     batch = max(cfg.batch_size, 128)
-    cl = device.type == "cuda" and cfg.channels_last
+    cl = cfg.channels_last
     val_logits = predict_logits(model, va.x, batch, device, cl, norm)
     val_y = va.y.numpy()
     t = fit_temperature(val_logits, val_y)

@@ -49,11 +49,17 @@ def build_model(path: Path, width: int) -> Path:
     return path
 
 
-def ceiling(model_path: Path, images: list[bytes], batches: list[int], seconds: float) -> dict[str, float]:
+def ceiling(
+    model_path: Path, images: list[bytes], batches: list[int], seconds: float, providers: str = "CPUExecutionProvider"
+) -> dict[str, float]:
     """Images/s of ONNX Runtime alone on preprocessed tensors, per batch size, in this process."""
-    model = OnnxModel.load(model_path, ["CPUExecutionProvider"], intra_op_threads=os.cpu_count() or 1)
+    chosen = [p.strip() for p in providers.split(",") if p.strip()]
+    threads = None if chosen[0] == "CUDAExecutionProvider" else os.cpu_count() or 1
+    model = OnnxModel.load(model_path, chosen, intra_op_threads=threads)
     size = model.metadata.input_size
-    tensors = np.stack([decode_image(data, size, 10**9).pixels for data in images[: max(batches)]])
+    # the images cycle to fill batches larger than the folder (12 committed images; GPU batches go to 64)
+    picked = [images[i % len(images)] for i in range(max(batches))]
+    tensors = np.stack([decode_image(data, size, 10**9).pixels for data in picked])
     out = {}
     for b in batches:
         model.run(tensors[:b])  # first run allocates
@@ -105,24 +111,44 @@ def compare_summary(
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description="lesionserve load-test harness")
-    p.add_argument("--model", type=Path, help="contract .onnx (default: build a ResNet-50-shaped one)")
+    p = argparse.ArgumentParser(
+        prog="python -m service.bench",
+        description="lesionserve load-test harness (make bench)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", type=Path, help="contract .onnx; None: a ResNet-50-shaped one is built")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs sent as requests")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench"))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--requests-c1", type=int, default=30)
-    p.add_argument("--requests-c16", type=int, default=160)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="where models and results go")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every phase, the servers' order alternating")
+    p.add_argument("--requests-c1", type=int, default=30, help="requests at concurrency 1")
+    p.add_argument("--requests-c16", type=int, default=160, help="requests at concurrency 16")
+    p.add_argument("--max-batch", type=int, default=8, help="the service's LESIONSERVE_MAX_BATCH_SIZE")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="the service's LESIONSERVE_MAX_WAIT_MS")
     p.add_argument("--ceiling-seconds", type=float, default=2.0, help="per batch size, per repeat")
     p.add_argument("--rss-requests", type=int, default=5000, help="0 skips the RSS run")
-    p.add_argument("--rss-model", type=Path, help="model for the RSS run (default: ResNet-50-shaped, width 16)")
-    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--rss-model", type=Path, help="model for the RSS run; None: ResNet-50-shaped, width 16")
+    p.add_argument("--skip-baseline", action="store_true", help="leave out the plain FastAPI baseline")
     p.add_argument("--explain", action="store_true", help="also time the service with ?explain=true (heatmaps)")
     p.add_argument("--compare", type=Path, metavar="MODEL",
                    help="a second file of the same model (e.g. models/reference-int8.onnx): served and timed in turns")  # fmt: skip
-    p.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench/results.json"), help="results file")
+    p.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="ONNX Runtime providers of the ceiling and the services, in order (e.g. CUDAExecutionProvider)",
+    )
+    p.add_argument(
+        "--batches", default="", help="ceiling batch sizes, comma-separated (default: 1, 2, 4 and --max-batch)"
+    )
     args = p.parse_args()
+    try:
+        batches = sorted({int(b) for b in args.batches.split(",") if b.strip()} or {1, 2, 4, args.max_batch})
+    except ValueError:
+        print(f"lesionserve bench: --batches wants comma-separated integers, got {args.batches!r}", file=sys.stderr)
+        return 2
+    if batches[0] < 1:
+        print(f"lesionserve bench: batch sizes must be >= 1, got {batches[0]}", file=sys.stderr)
+        return 2
     # SIGTERM (e.g. timeout) must still run the finally blocks that stop the server processes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -139,13 +165,13 @@ def main() -> int:
         "model": str(model), "images": f"{len(images)} JPEGs from {args.images}", "load_start": load_avg(),
         "settings": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
     }  # fmt: skip
-    batches = sorted({1, 2, 4, args.max_batch})
-    svc = Server.service(model, args.workdir / "service.log", providers="CPUExecutionProvider",
+    report["providers"] = args.providers
+    svc = Server.service(model, args.workdir / "service.log", providers=args.providers,
                          max_batch_size=str(args.max_batch), max_wait_ms=str(args.max_wait_ms), queue_size="256")  # fmt: skip
     servers = {"service": svc}
     if args.compare:
         report["compare_model"] = str(args.compare)
-        servers["compare"] = Server.service(args.compare, args.workdir / "compare.log", providers="CPUExecutionProvider",
+        servers["compare"] = Server.service(args.compare, args.workdir / "compare.log", providers=args.providers,
                                             max_batch_size=str(args.max_batch), max_wait_ms=str(args.max_wait_ms),
                                             queue_size="256")  # fmt: skip
     if not args.skip_baseline:
@@ -161,10 +187,10 @@ def main() -> int:
         # The CPU is shared: every repeat measures the ceiling and both servers back to back (the
         # order alternating), so each ratio compares figures taken under the same outside load.
         for r in range(args.repeats):
-            ceilings.append(ceiling(model, images, batches, args.ceiling_seconds))
+            ceilings.append(ceiling(model, images, batches, args.ceiling_seconds, args.providers))
             log.info("ceiling %s (load %s)", ceilings[-1], load_avg())
             if args.compare:
-                compare_ceilings.append(ceiling(args.compare, images, batches, args.ceiling_seconds))
+                compare_ceilings.append(ceiling(args.compare, images, batches, args.ceiling_seconds, args.providers))
                 log.info("compare ceiling %s", compare_ceilings[-1])
             order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
             for name, server in order:

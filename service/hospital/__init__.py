@@ -1,5 +1,5 @@
 """Where hospital systems meet the service: DICOM in (reader, pixel codecs), FHIR out.
 
-Grouped here (DESIGN.md) so the core (config, runtime, media, batcher, inference, routes)
+Grouped here (docs/overview.md "Layout") so the core (config, runtime, media, batcher, inference, routes)
 stays flat; PACS entries (DIMSE, DICOMweb) and DICOM SR results belong here too.
 """

@@ -166,6 +166,19 @@ def decode_dicom(data: bytes, size: int, max_pixels: int) -> DecodedImage:
     return DecodedImage(pixels, img.width, img.height, "dicom", time.perf_counter() - start, dicom=info)
 
 
+def check_meta(data: bytes) -> Dataset:
+    """The file meta of a Part-10 object whose transfer syntax the reader takes; nothing else is parsed.
+
+    For a fetch (WADO-RS) that must refuse a Deflated object before anything would inflate it.
+
+    Raises:
+        InvalidImage: not a Part-10 object. UnsupportedMediaType: a transfer syntax not taken.
+    """
+    meta = _read_meta(data)
+    _check_transfer_syntax(meta)
+    return meta
+
+
 def _read_meta(data: bytes) -> Dataset:
     """The File Meta Information group alone: enough to refuse a syntax before parsing the dataset."""
     fp = io.BytesIO(data)
@@ -281,7 +294,12 @@ def _check_pixel_data_framing(data: bytes, offset: int) -> tuple[int, int]:
     if data[offset : offset + 4] != _PIXEL_DATA_TAG:
         raise InvalidImage("DICOM object has no Pixel Data (missing, or the file is truncated)")
     # pydicom may have sniffed implicit VR despite the declared syntax; read the element as it is written.
-    explicit_vr = data[offset + 4 : offset + 6] in (b"OB", b"OW")
+    vr = data[offset + 4 : offset + 6]
+    explicit_vr = vr in (b"OB", b"OW")
+    if not explicit_vr and len(vr) == 2 and vr.isalpha() and vr.isupper():  # a VR, but not one Pixel Data has
+        # Read as implicit, its bytes made a length that the framing walk and the decoder disagreed on: a
+        # struct error and a 500 (issue 28, finding 12). Only the two letters are quoted, never other bytes.
+        raise InvalidImage(f"DICOM Pixel Data has VR {vr.decode('ascii')}; it must be OB or OW")
     pos = offset + (12 if explicit_vr else 8)  # tag, [VR, 2 reserved], 4-byte length
     if pos > len(data):
         raise InvalidImage("DICOM Pixel Data is truncated")

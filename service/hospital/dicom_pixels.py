@@ -149,6 +149,8 @@ def _first_frame(data: bytes, start: int, end: int, frames: int) -> bytes | memo
     """
     (bot_len,) = struct.unpack_from("<I", data, start + 4)
     first = start + 8 + bot_len  # the first fragment item
+    if first + 8 > end:  # the framing walk was checked, but never read past the value for a length
+        raise InvalidImage("DICOM encapsulated Pixel Data is malformed (offset table past the value)")
     (frag_len,) = struct.unpack_from("<I", data, first + 4)
     after = first + 8 + frag_len
     if frames == 1 and data[after : after + 4] == b"\xfe\xff\xdd\xe0":  # then the sequence delimiter

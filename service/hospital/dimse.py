@@ -1,7 +1,7 @@
 """DICOM DIMSE entry: a Storage SCP (pynetdicom) in the service process, and the SR sent back by C-STORE.
 
 Why in-process (started from the app's lifespan when ``LESIONSERVE_DIMSE_ENABLED``), not a separate
-``python -m service.dicom_node``: DESIGN.md keeps one batcher and one model session per process
+``python -m service.dicom_node``: the design (docs/service.md) keeps one batcher and one model session per process
 whatever the entry. A second process would load a second session (its memory, its warm-up) and batch
 apart from the REST traffic; here a C-STORE waits in the same queue as an HTTP upload, under the same
 admission, deadline, drain and metrics. pynetdicom runs each association in its own thread; the
@@ -14,6 +14,13 @@ that it can be refused per instance. Refusals:
 
 - a calling AE title not in ``DIMSE_ALLOWED_AETS``: A-ASSOCIATE-RJ, rejected-permanent, service user,
   "calling AE title not recognised" (a wrong called AE title: "called AE title not recognised");
+- an allowed peer beyond ``DIMSE_MAX_ASSOCIATIONS``: A-ASSOCIATE-RJ, rejected-transient, local limit exceeded.
+  Only an A-ASSOCIATE-RQ from an allowed AE title takes one of these slots: a TCP connection that sends
+  nothing holds no slot, is closed after ``DIMSE_REQUEST_TIMEOUT_S``, and at most ``DIMSE_MAX_CONNECTIONS``
+  are open at once (more are closed on accept), so silent sockets cannot lock an allowed PACS out;
+- a dataset over ``MAX_UPLOAD_BYTES`` (the HTTP uploads' budget): Cannot Understand (C000), decided while it
+  arrives: past the cap its bytes are counted and dropped (:class:`CappedBuffer`), so one association holds
+  at most that many bytes of it, whatever the sender sends;
 - another SOP class (CT, MR, ...): C-STORE status 0122 "Refused: SOP Class not supported", with an
   Error Comment naming it, and an audit line (see the comment in :class:`StorageScp`);
 - an accepted SOP class in a transfer syntax the reader cannot decode: that presentation context is
@@ -21,31 +28,37 @@ that it can be refused per instance. Refusals:
 - an instance that fails inside an accepted context: a C-STORE failure status with an Error Comment
   (:func:`service.hospital.pacs.failure_status`).
 
-The C-STORE response is sent after the SR has been stored at ``DIMSE_DESTINATION`` (over one association
-per incoming association): success means
-the result is in the PACS; if it could not be delivered the sender gets Processing Failure (0110) and
-still holds the image to resend. Each instance and each refused association or context gets an audit
-line; metrics count associations, refused contexts, instances and SR deliveries.
+The C-STORE response is sent after the SR has been committed to the outbox (:mod:`service.hospital.outbox`):
+success means the result will reach ``DIMSE_DESTINATION``, delivered by :mod:`service.hospital.delivery` with
+retries, across restarts of either side. An outbox that is full or cannot be written answers Out of Resources
+(A700): the sender keeps the image and sends it again later. Each instance and each refused association or
+context gets an audit line; metrics count associations, refused contexts and instances.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import io
 import logging
+import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import SpanKind
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import ComprehensiveSRStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from service import metrics
-from service.config import Settings, parse_destination
-from service.errors import DeadlineExceeded, ResultNotDelivered, UnsupportedSopClass
+from service import metrics, tracing
+from service.config import Settings
+from service.errors import DeadlineExceeded, PayloadTooLarge, ResultNotDelivered, UnsupportedSopClass
 from service.hospital.dicom import ACCEPTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES
+from service.hospital.outbox import Letter
 from service.hospital.pacs import (
     PROCESSING_FAILURE,
     SUCCESS,
@@ -57,53 +70,71 @@ from service.hospital.pacs import (
     new_request_id,
     valid_uid,
 )
-from service.hospital.sr import make_sr
+from service.hospital.sr import make_sr, sr_bytes
 from service.runtime import Runtime
 from service.schemas import ClassifyResponse
+
+if TYPE_CHECKING:
+    from service.hospital.delivery import OutboxSender
+    from service.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
 ENTRY = metrics.PacsEntry.DIMSE
-# Storage statuses that mean "stored" (PS3.4 B.2.3): success, and the three warnings (coercion, elements
-# discarded, SOP class mismatch) under which the object was still stored.
-_STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 _REJECTED = "https://lesionserve.dev/problems/dimse-association-rejected"
 _CONTEXT_REFUSED = "https://lesionserve.dev/problems/dimse-context-refused"
-# Transfer syntaxes offered for the SR back: uncompressed, explicit first (every PACS takes it).
-_SR_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_LISTEN_BACKLOG = 128  # socketserver's default is 5: a burst of PACS connecting at once would see refusals
 
 
-class SrSender:
-    """Sends SRs to one destination AE over associations it opens (C-STORE, status checked)."""
+class RefusalThrottle:
+    """At most one log and audit line per refusal reason per ``window_s``; the next one says how many were folded.
 
-    def __init__(self, own_ae_title: str, destination: str, timeout_s: float) -> None:
-        self.ae_title, self.host, self.port = parse_destination(destination)
-        self._ae = AE(ae_title=own_ae_title)
-        self._ae.add_requested_context(ComprehensiveSRStorage, _SR_SYNTAXES)
-        self._ae.acse_timeout = self._ae.dimse_timeout = self._ae.network_timeout = timeout_s
+    Anyone who can reach the port can be refused: one line per refusal let a script flood the log and the
+    audit trail. The key is the reason (a handful), never the peer's AE title (unbounded, peer-chosen).
+    """
 
-    def connect(self) -> Any:
-        """An established association with the destination.
+    def __init__(self, window_s: float = 60.0, clock: Any = time.monotonic) -> None:
+        self.window_s, self.clock = window_s, clock
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-        Raises:
-            ResultNotDelivered: refused, or no answer.
-        """
-        assoc = self._ae.associate(self.host, self.port, ae_title=self.ae_title)
-        if not assoc.is_established:
-            raise ResultNotDelivered(f"the SR destination {self.ae_title} refused or did not answer the association")
-        return assoc
+    def admit(self, reason: str) -> int | None:
+        """None: fold this one (counted); else write a line, saying how many were folded since the last."""
+        now = self.clock()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.window_s:
+                self._folded[reason] = self._folded.get(reason, 0) + 1
+                return None
+            self._last[reason] = now
+            return self._folded.pop(reason, 0)
 
-    def send_over(self, assoc: Any, sr: Dataset) -> None:
-        """C-STORE ``sr`` over ``assoc``.
 
-        Raises:
-            ResultNotDelivered: the status is not a stored one, or none came (the association broke).
-        """
-        status = assoc.send_c_store(sr)
-        code = int(status.Status) if status is not None and "Status" in status else None
-        if code not in _STORED:
-            shown = f"0x{code:04X}" if code is not None else "no answer"
-            raise ResultNotDelivered(f"the SR destination {self.ae_title} answered {shown} to the SR's C-STORE")
+class CappedBuffer(io.BytesIO):
+    """Where pynetdicom writes one DIMSE message's dataset as its P-DATA fragments arrive, up to ``cap`` bytes.
+
+    pynetdicom keeps a whole dataset in memory before any handler runs (a 315 MB C-STORE was 900 MB of RSS);
+    past the cap this frees what it holds and only counts the rest, and the handler answers C000 unparsed.
+    """
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap, self.received = cap, 0
+
+    def write(self, data: Any, /) -> int:
+        size = len(data)
+        self.received += size
+        if self.received <= self.cap:
+            return super().write(data)
+        if self.tell():  # the first fragment over the cap: drop the prefix too
+            self.seek(0)
+            self.truncate()
+        return size
+
+    @property
+    def over(self) -> bool:
+        return self.received > self.cap
 
 
 class StorageScp:
@@ -113,17 +144,29 @@ class StorageScp:
         settings: the service settings (``dimse_*``).
         runtime: the process's runtime (batcher, decode pool, audit).
         loop: the event loop that owns the runtime; C-STORE handlers submit work to it.
+        outbox: where each SR is committed before the C-STORE is answered.
+        tls: DICOM TLS (service.tls); None: plain DICOM.
     """
 
-    def __init__(self, settings: Settings, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
-        self.settings, self.runtime, self.loop = settings, runtime, loop
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        loop: asyncio.AbstractEventLoop,
+        outbox: OutboxSender,
+        tls: ServerTls | None = None,
+    ) -> None:
+        self.settings, self.runtime, self.loop, self.outbox = settings, runtime, loop, outbox
+        self.tls = tls
         self.allowed = frozenset(settings.dimse_allowed_ae_list)
-        self.sender = SrSender(settings.dimse_ae_title, settings.dimse_destination, settings.dimse_timeout_s)
         ae = AE(ae_title=settings.dimse_ae_title)
         ae.require_called_aet = True
         ae.require_calling_aet = sorted(self.allowed)
-        ae.maximum_associations = settings.dimse_max_associations
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.dimse_timeout_s
+        # pynetdicom's own limit counts every acceptor thread, silent ones and those still ending too: here only a
+        # backstop (twice the cap); the connection cap is _verify_connection's, the slots _on_requested's.
+        ae.maximum_associations = 2 * settings.dimse_max_connections
+        ae.dimse_timeout = ae.network_timeout = settings.dimse_timeout_s
+        ae.acse_timeout = settings.dimse_request_timeout_s  # the acceptor's wait for the A-ASSOCIATE-RQ
         # pynetdicom takes, per proposed context, the first of these the sender also proposed: the
         # compressed ones first, so an image arrives as stored (no transcoding by the sender).
         syntaxes = sorted(SUPPORTED_TRANSFER_SYNTAXES, key=lambda ts: (not UID(ts).is_compressed, str(ts)))
@@ -141,25 +184,34 @@ class StorageScp:
         self._ae = ae
         self._server: Any = None
         self._open: set[int] = set()
-        # One association to the destination per incoming association, opened at its first SR and released
-        # when the incoming one closes: a study sent over one association gets its SRs over one too (an
-        # association per SR cost more than the C-STORE itself). Used only by the incoming one's thread.
-        self._outgoing: dict[int, Any] = {}
+        self._slotted: set[int] = set()  # associations from allowed AE titles holding a slot
+        self._throttle = RefusalThrottle()
+        self._sockets: list[Any] = []  # accepted TCP connections, oldest first, for DIMSE_MAX_CONNECTIONS
+        self._spoken: set[int] = set()  # those that sent an A-ASSOCIATE-RQ
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Listen on ``dimse_host:dimse_port`` (raises OSError when the port is taken)."""
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         address = (self.settings.dimse_host, self.settings.dimse_port)
-        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+        # With TLS, every connection is wrapped before a PDU is read: a plain-text association fails its handshake.
+        ssl_context = self.tls.context if self.tls is not None else None
+        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
+        self._server.socket.listen(_LISTEN_BACKLOG)  # listen() again only resizes the queue
+        self._server.verify_request = self._verify_connection  # socketserver's hook, called on each accept
         log.info(
             "DICOM Storage SCP listening",
-            extra={"ae_title": self.settings.dimse_ae_title, "port": self.settings.dimse_port},
+            extra={
+                "ae_title": self.settings.dimse_ae_title,
+                "port": self.settings.dimse_port,
+                "tls": self.tls is not None,
+            },
         )
 
     @property
@@ -173,12 +225,61 @@ class StorageScp:
             return
         for assoc in list(self._server.active_associations):
             assoc.abort()
-        for out in list(self._outgoing.values()):
-            if out.is_established:
-                out.release()
-        self._outgoing.clear()
         self._server.shutdown()
         self._server = None
+
+    # --- connections and association slots ----------------------------------------------------------
+    def _verify_connection(self, request: Any, client_address: Any) -> bool:
+        """Accept a TCP connection under ``DIMSE_MAX_CONNECTIONS`` (each holds threads until it ends).
+
+        At the cap, the oldest connection that has not sent its A-ASSOCIATE-RQ yet is closed to make room: a
+        stream of silent sockets then delays an allowed PACS by nothing, instead of filling the cap for
+        ``DIMSE_REQUEST_TIMEOUT_S`` at a time. Only when every open connection has spoken is the new one refused.
+        """
+        with self._lock:  # the sockets pynetdicom has not closed yet (a closed socket's fileno is -1)
+            self._sockets = [s for s in self._sockets if s.fileno() != -1]
+            self._spoken &= {id(s) for s in self._sockets}
+            if len(self._sockets) >= self.settings.dimse_max_connections:
+                silent = next((s for s in self._sockets if id(s) not in self._spoken), None)
+                if silent is None:
+                    metrics.DIMSE_ASSOCIATIONS_TOTAL.labels(outcome=metrics.AssociationOutcome.REJECTED.value).inc()
+                    self._throttled_refusal("", "too many connections", 503)
+                    return False  # socketserver closes the socket
+                with contextlib.suppress(OSError):  # its acceptor thread sees the end and closes it
+                    silent.shutdown(socket.SHUT_RDWR)
+                self._sockets.remove(silent)
+            self._sockets.append(request)
+            return True
+
+    def _on_requested(self, event: Any) -> None:
+        """An A-ASSOCIATE-RQ arrived: cap its datasets; an allowed peer takes a slot, or is rejected (transient)."""
+        assoc = event.assoc
+        dimse, cap = assoc.dimse, self.settings.max_upload_bytes
+        receive = dimse.receive_primitive
+
+        def capped_receive(primitive: Any) -> None:
+            if dimse.message is None:  # a new message: its dataset goes into a capped buffer
+                dimse.message = DIMSEMessage()
+                dimse.message.data_set = CappedBuffer(cap)
+            receive(primitive)
+
+        dimse.receive_primitive = capped_receive
+        raw = getattr(assoc.dul.socket, "socket", None)
+        with self._lock:
+            self._spoken.add(id(raw))  # it spoke: never closed to make room for another connection
+        rq = assoc.requestor.primitive
+        calling, called = _ae_text(rq.calling_ae_title), _ae_text(rq.called_ae_title)
+        if calling not in self.allowed or called != self.settings.dimse_ae_title:
+            return  # pynetdicom rejects it in negotiation (_on_rejected): no slot taken
+        with self._lock:
+            full = len(self._slotted) >= self.settings.dimse_max_associations
+            if not full:
+                self._slotted.add(id(assoc))
+        if full:
+            metrics.DIMSE_ASSOCIATIONS_TOTAL.labels(outcome=metrics.AssociationOutcome.REJECTED.value).inc()
+            self._throttled_refusal(calling, "too many associations", 403)
+            assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, provider, local limit exceeded
+            assoc.kill()
 
     # --- association events ------------------------------------------------------------------------
     def _on_accepted(self, event: Any) -> None:
@@ -194,9 +295,11 @@ class StorageScp:
             if str(context.abstract_syntax) not in accepted:  # no syntax at all for this SOP class
                 sop = UID(str(context.abstract_syntax))
                 refused.add(sop.name if sop.is_valid else "a malformed UID")
-        for name in sorted(refused):  # one line per SOP class left without a context, not per context
-            log.warning("presentation context refused", extra={"calling_ae": calling, "sop_class": name})
-            self._audit_refusal(_CONTEXT_REFUSED, 415, calling, {"refused_sop_class": name[:64]})
+        if refused:  # one line per association (a peer may propose 128 classes), naming the first few
+            names = sorted(refused)
+            extra = {"refused_sop_class": ", ".join(n[:64] for n in names[:4]), "refused_count": str(len(names))}
+            log.warning("presentation contexts refused", extra={"calling_ae": calling, **extra})
+            self._audit_refusal(_CONTEXT_REFUSED, 415, calling, extra)
 
     def _on_rejected(self, event: Any) -> None:
         metrics.DIMSE_ASSOCIATIONS_TOTAL.labels(outcome=metrics.AssociationOutcome.REJECTED.value).inc()
@@ -207,15 +310,22 @@ class StorageScp:
         elif called != self.settings.dimse_ae_title:
             reason = "called AE title not recognised"
         else:
-            reason = "too many associations or no acceptable context"
-        log.warning("association rejected", extra={"calling_ae": calling, "reason": reason})
-        self._audit_refusal(_REJECTED, 403, calling, {"reason": reason})
+            reason = "too many connections or no acceptable context"
+        self._throttled_refusal(calling, reason, 403)
+
+    def _throttled_refusal(self, calling: str, reason: str, status: int) -> None:
+        folded = self._throttle.admit(reason)
+        if folded is None:
+            return
+        extra = {"reason": reason, "folded_since_last": str(folded)}
+        log.warning("association rejected", extra={"calling_ae": calling, **extra})
+        self._audit_refusal(_REJECTED, status, calling, extra)
 
     def _on_closed(self, event: Any) -> None:
-        self._release_outgoing(event.assoc)
         with self._lock:
             was_open = id(event.assoc) in self._open
             self._open.discard(id(event.assoc))
+            self._slotted.discard(id(event.assoc))
         if was_open:
             metrics.DIMSE_ACTIVE_ASSOCIATIONS.dec()
             if event.assoc.is_aborted:
@@ -230,8 +340,13 @@ class StorageScp:
         )  # fmt: skip
 
     # --- C-STORE -----------------------------------------------------------------------------------
+    @tracing.traced("C-STORE", SpanKind.SERVER)
     def _on_store(self, event: Any) -> int | Dataset:
-        """Classify the instance, store its SR at the destination, then answer the C-STORE."""
+        """Classify the instance, commit its SR to the outbox, audit, then answer: all of it inside the drain."""
+        with self.runtime.hold():  # SIGTERM waits for the commit and the audit line too, not the classification only
+            return self._store(event)
+
+    def _store(self, event: Any) -> int | Dataset:
         start, request_id = time.perf_counter(), new_request_id()
         calling = _ae_text(event.assoc.requestor.ae_title)
         sop_uid = valid_uid(event.request.AffectedSOPInstanceUID)
@@ -241,6 +356,9 @@ class StorageScp:
         answer: ClassifyResponse | None = None
         status, sr_state = SUCCESS, "none"
         try:
+            received = event.request.DataSet
+            if isinstance(received, CappedBuffer) and received.over:  # dropped as it arrived: nothing to parse
+                raise PayloadTooLarge(f"the dataset is {received.received} bytes; the limit is {received.cap}")
             data = event.encoded_dataset(include_meta=True)
             sop_class = UID(str(event.request.AffectedSOPClassUID))
             if sop_class not in ACCEPTED_SOP_CLASSES:  # answered before any parsing
@@ -251,14 +369,15 @@ class StorageScp:
             if answer.dicom is not None:
                 identifiers = dict(answer.dicom.identifiers)
             sr_state = "failed"
-            self._send_sr(event.assoc, make_sr(answer, data))
-            sr_state = "stored"
-            metrics.SR_DELIVERIES_TOTAL.labels(entry=ENTRY.value, outcome=metrics.SrOutcome.STORED.value).inc()
+            sr = make_sr(answer, data)
+            letter = Letter(
+                str(sr.SOPInstanceUID), ENTRY.value, self.settings.dimse_destination, sr_bytes(sr), request_id
+            )
+            self.outbox.enqueue([letter])  # committed (fsync) before Success: OutboxFull/Unavailable -> A700
+            sr_state = "queued"
             return SUCCESS
         except Exception as exc:
             error = exc
-            if sr_state == "failed":
-                metrics.SR_DELIVERIES_TOTAL.labels(entry=ENTRY.value, outcome=metrics.SrOutcome.FAILED.value).inc()
             status = failure_status(exc)
             return self._failure(exc, status)
         finally:
@@ -267,25 +386,6 @@ class StorageScp:
                 latency_s=time.perf_counter() - start, identifiers=identifiers, answer=answer,
                 channel={"calling_ae": calling, "dimse_status": f"0x{status:04X}", "sr": sr_state},
             )  # fmt: skip
-
-    def _send_sr(self, incoming: Any, sr: Dataset) -> None:
-        """The SR over this incoming association's outgoing one (reopened once if the destination closed it)."""
-        out = self._outgoing.get(id(incoming))
-        if out is None or not out.is_established:  # first SR, or the destination released/aborted it meanwhile
-            out = self._outgoing[id(incoming)] = self.sender.connect()
-        try:
-            self.sender.send_over(out, sr)
-        except ResultNotDelivered:
-            if out.is_established:  # the destination answered: its status stands
-                raise
-            # the association broke under the C-STORE (idle timeout at the PACS): once more on a new one
-            out = self._outgoing[id(incoming)] = self.sender.connect()
-            self.sender.send_over(out, sr)
-
-    def _release_outgoing(self, incoming: Any) -> None:
-        out = self._outgoing.pop(id(incoming), None)
-        if out is not None and out.is_established:
-            out.release()
 
     def _classify(self, data: bytes, request_id: str) -> ClassifyResponse:
         future = asyncio.run_coroutine_threadsafe(classify_instance(self.runtime, data, request_id), self.loop)
@@ -314,8 +414,14 @@ def _ae_text(value: object) -> str:
     return "".join(c for c in text if 32 <= ord(c) < 127).strip()[:16]
 
 
-def start_dicom_node(settings: Settings, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> StorageScp:
+def start_dicom_node(
+    settings: Settings,
+    runtime: Runtime,
+    loop: asyncio.AbstractEventLoop,
+    outbox: OutboxSender,
+    tls: ServerTls | None = None,
+) -> StorageScp:
     """Build and start the Storage SCP (raises OSError when the port is taken: the service does not start)."""
-    scp = StorageScp(settings, runtime, loop)
+    scp = StorageScp(settings, runtime, loop, outbox, tls)
     scp.start()
     return scp

@@ -4,7 +4,8 @@ Shape (validated in tests with ``fhir.resources.R4B``, whose DiagnosticReport/Ob
 the R4 ones; fhir.resources >= 7 has no plain R4 package):
 
 - ``DiagnosticReport`` status ``preliminary`` (an AI output awaiting a clinician's review), a local
-  ``code``, ``issued``, ``conclusion``, ``identifier`` (request id; DICOM Accession Number typed
+  ``code``, ``subject``, ``basedOn`` and ``encounter`` when the caller gave them (:class:`References`:
+  the HIS's own references, checked for shape here and never logged), ``issued``, ``conclusion``, ``identifier`` (request id; DICOM Accession Number typed
   ``ACSN``), ``imagingStudy`` as a logical reference by the Study Instance UID
   (``urn:dicom:uid`` / ``urn:oid:...``), ``result`` -> the contained Observations;
 - a contained ``Device`` for the model (name, version, sha256 of the .onnx file). R4 does not allow
@@ -16,16 +17,23 @@ the R4 ones; fhir.resources >= 7 has no plain R4 package):
 - when the model has an out-of-distribution check, an ``Observation`` for its score (threshold as
   ``referenceRange.high``, interpretation H when the image looks unlike the training data, which the
   ``conclusion`` then says first); with ``?explain=true`` the heatmap PNG as ``presentedForm``.
+
+Class codings carry the local code and, where one concept is exactly the class, its SNOMED CT code: the
+same concepts as the SR (:mod:`service.hospital.codes`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+
+from service.errors import InvalidFhirReference
+from service.hospital.codes import SNOMED_CLASSES, SNOMED_CT_URI
 
 FHIR_CONTENT_TYPE = "application/fhir+json"
 CODE_SYSTEM = "https://lesionserve.dev/fhir/CodeSystem/lesion-classification"
@@ -39,6 +47,53 @@ INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInt
 DEVICE_ID = "model"
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# A literal reference (FHIR R4 3.3.3): relative "Type/id" or absolute "http(s)://base/Type/id", with an
+# optional "/_history/vid". The resource types each field may point at (R4 DiagnosticReport).
+_REFERENCE = re.compile(
+    r"^(?:https?://[A-Za-z0-9\-._~%!$&'()*+,;=:@/]{1,400}/)?(?P<type>[A-Z][A-Za-z]{1,63})/[A-Za-z0-9\-.]{1,64}"
+    r"(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
+REFERENCE_TYPES: dict[str, tuple[str, ...]] = {
+    "subject": ("Patient", "Group", "Device", "Location"),
+    "based_on": ("ServiceRequest", "CarePlan", "ImmunizationRecommendation", "MedicationRequest", "NutritionOrder"),
+    "encounter": ("Encounter",),
+}
+
+
+@dataclass(frozen=True)
+class References:
+    """The caller's FHIR references for the report (patient, order, encounter); each None when not given.
+
+    They identify a patient: never logged, never in an error's ``detail`` (which names the field only).
+    """
+
+    subject: str | None = None
+    based_on: str | None = None
+    encounter: str | None = None
+
+    @classmethod
+    def parse(cls, values: Mapping[str, str | None]) -> References:
+        """Check each given value as a literal reference to a resource type its field allows.
+
+        Raises:
+            InvalidFhirReference: 400, naming the field and the expected form, never the value.
+        """
+        checked: dict[str, str | None] = {}
+        for name, types in REFERENCE_TYPES.items():
+            value = values.get(name)
+            if value is None or value == "":
+                checked[name] = None
+                continue
+            match = _REFERENCE.match(value)
+            if match is None or match["type"] not in types:
+                raise InvalidFhirReference(
+                    f"{name!r} is not a FHIR reference to {' or '.join(types)}: expected {types[0]}/<id> "
+                    f"or https://<fhir base>/{types[0]}/<id>"
+                )
+            checked[name] = value
+        return cls(**checked)
+
+
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
 
@@ -47,6 +102,7 @@ def diagnostic_report(
     *,
     identifiers: Mapping[str, str] | None,
     issued: datetime,
+    references: References | None = None,
 ) -> dict[str, Any]:
     """Build a FHIR R4 DiagnosticReport (a JSON-ready dict) from the service's classification answer.
 
@@ -56,6 +112,7 @@ def diagnostic_report(
         identifiers: DICOM identifiers from :func:`service.hospital.dicom.read_dicom` (Study/Series/SOP
             Instance UID, Accession Number), or None for a JPEG/PNG upload.
         issued: when the answer was made; must be timezone-aware (FHIR ``instant``).
+        references: the caller's ``subject`` / ``basedOn`` / ``encounter`` (already checked), or None.
 
     Raises:
         ValueError: ``issued`` is naive, or the answer lacks a field the report needs.
@@ -78,8 +135,11 @@ def diagnostic_report(
     report: dict[str, Any] = {"resourceType": "DiagnosticReport"}
     if _FHIR_ID.match(request_id):
         report["id"] = request_id
-    report["contained"] = [_device(model), *observations]
+    report["contained"] = [_device(model, data.get("service_version")), *observations]
     report["identifier"] = _report_identifiers(request_id, ids.get("AccessionNumber"))
+    refs = references or References()
+    if refs.based_on:
+        report["basedOn"] = [{"reference": refs.based_on}]
     report["status"] = "preliminary"
     report["code"] = {
         "coding": [
@@ -87,6 +147,10 @@ def diagnostic_report(
         ],
         "text": "Dermoscopic lesion classification (AI, preliminary)",
     }
+    if refs.subject:
+        report["subject"] = {"reference": refs.subject}
+    if refs.encounter:
+        report["encounter"] = {"reference": refs.encounter}
     report["issued"] = issued.isoformat()
     study_uid = ids.get("StudyInstanceUID", "")
     if _OID.match(study_uid):
@@ -99,7 +163,7 @@ def diagnostic_report(
         ]
     report["result"] = [{"reference": f"#{o['id']}", "display": o["code"]["text"]} for o in observations]
     report["conclusion"] = _ood_sentence(ood) + _conclusion(top, malignancy, model)
-    report["conclusionCode"] = [{"coding": [_class_coding(top)], "text": str(top["name"])}]
+    report["conclusionCode"] = [{"coding": _class_codings(top), "text": str(top["name"])}]
     heatmap = data.get("explanation") or {}
     if heatmap.get("available"):
         code = heatmap.get("class_code") or heatmap.get("class")
@@ -109,14 +173,17 @@ def diagnostic_report(
     return report
 
 
-def _device(model: Mapping[str, Any]) -> dict[str, Any]:
+def _device(model: Mapping[str, Any], service_version: object) -> dict[str, Any]:
+    versions: list[dict[str, Any]] = [{"type": {"text": "model"}, "value": str(model["version"])}]
+    if service_version:  # the software that ran the model: an answer is the work of both
+        versions.append({"type": {"text": "lesionserve (service)"}, "value": str(service_version)})
     return {
         "resourceType": "Device",
         "id": DEVICE_ID,
         "identifier": [{"system": MODEL_SHA256_SYSTEM, "value": str(model["sha256"])}],
         "deviceName": [{"name": str(model["name"]), "type": "model-name"}],
         "type": {"text": "Software: dermoscopic image classifier (ONNX model)"},
-        "version": [{"value": str(model["version"])}],
+        "version": versions,
     }
 
 
@@ -132,8 +199,13 @@ def _report_identifiers(request_id: str, accession: str | None) -> list[dict[str
     return out
 
 
-def _class_coding(p: Mapping[str, Any]) -> dict[str, str]:
-    return {"system": CLASS_SYSTEM, "code": str(p["code"]), "display": str(p["name"])}
+def _class_codings(p: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The local code, then SNOMED CT where one concept is exactly the class (the SR's concept)."""
+    codings = [{"system": CLASS_SYSTEM, "code": str(p["code"]), "display": str(p["name"])}]
+    if str(p["code"]) in SNOMED_CLASSES:
+        value, meaning = SNOMED_CLASSES[str(p["code"])]
+        codings.append({"system": SNOMED_CT_URI, "code": value, "display": meaning})
+    return codings
 
 
 def _probability(value: float) -> dict[str, Any]:
@@ -156,7 +228,7 @@ def _class_observation(p: Mapping[str, Any], index: int) -> dict[str, Any]:
     code = str(p["code"])
     obs_id = f"p-{code}" if _FHIR_ID.match(f"p-{code}") else f"p-{index}"
     text = f"Probability of {p['name']}"
-    return _observation(obs_id, {"coding": [_class_coding(p)], "text": text}, p["probability"])
+    return _observation(obs_id, {"coding": _class_codings(p), "text": text}, p["probability"])
 
 
 def _interpreted(obs: dict[str, Any], high: bool, text: str, threshold: float, range_text: str) -> dict[str, Any]:

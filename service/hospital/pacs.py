@@ -23,6 +23,8 @@ from service.errors import (
     DeadlineExceeded,
     InvalidImage,
     ModelNotReady,
+    OutboxFull,
+    OutboxUnavailable,
     OutOfDistribution,
     Overloaded,
     PayloadTooLarge,
@@ -33,7 +35,7 @@ from service.errors import (
 )
 from service.explain import enforce, ood_check
 from service.hospital.dicom import decode_dicom
-from service.routes import build_answer, count_answer
+from service.routes import answer_summary, build_answer, count_answer
 from service.runtime import Runtime
 from service.schemas import ClassifyResponse
 
@@ -46,18 +48,18 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
-_RETRY_LATER = (Overloaded, ModelNotReady, ShuttingDown, DeadlineExceeded)
+_RETRY_LATER = (Overloaded, ModelNotReady, ShuttingDown, DeadlineExceeded, OutboxFull, OutboxUnavailable)
 _SENDERS_OBJECT = (InvalidImage, UnsupportedMediaType, PayloadTooLarge, OutOfDistribution)
 
 
 def failure_status(exc: BaseException) -> int:
     """The DICOM status for a failed instance.
 
-    Out of Resources (A700) tells the sender to retry later (queue full, warming up, draining, deadline);
+    Out of Resources (A700) tells the sender to retry later (queue full, warming up, draining, deadline, the SR
+    outbox full or not writable);
     SOP Class not supported (0122) a SOP class other than the three accepted ones (a CT, an SR, ...);
     Cannot Understand (C000) the object's fault otherwise (undecodable, not colour, too large, unlike the
-    training data under ``OOD_POLICY=reject``); Processing Failure (0110) is ours (inference, SR, or the
-    SR's delivery).
+    training data under ``OOD_POLICY=reject``); Processing Failure (0110) is ours (inference, or the SR).
     """
     if isinstance(exc, _RETRY_LATER):
         return OUT_OF_RESOURCES
@@ -140,6 +142,7 @@ def audit_instance(
         request_id=request_id, key_id=key_id, model=model, body=data,
         content_type=DICOM_CONTENT_TYPE, status=status, problem_type=problem, latency_ms=latency_s * 1000,
         identifiers=identifiers, channel={"entry": entry.value, **channel},
+        answer=answer_summary(answer) if answer is not None and error is None else None,
     )  # fmt: skip
 
 

@@ -36,8 +36,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from service.errors import InferenceFailed
+from service.errors import InferenceFailed, InvalidImage
+from service.hospital.codes import SNOMED_CLASSES
 from service.schemas import ClassifyResponse, ClassProbability, ImageInfo, Malignancy, ModelRef, Timing
+from service.version import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,6 @@ DISCLAIMER = (
     "together with the image and the patient's history."
 )
 
-# SNOMED CT concepts that are exactly one HAM10000 class. Sources: DICOM PS3.16 (pydicom's concept
-# table) for 1162635006; SNOMED CT International browser pages for 400096001 and 254701007. akiec
-# (actinic keratosis AND Bowen's disease), bkl (seborrhoeic keratosis, solar lentigo, lichen-planus-like
-# keratosis) and vasc (angiomas, angiokeratomas, pyogenic granulomas, haemorrhage) are groups with no
-# single concept; df has one, but its id could not be checked against a terminology server from here,
-# so it stays private rather than risk a wrong code in a patient record.
-SNOMED_CLASSES: dict[str, tuple[str, str]] = {
-    "mel": ("1162635006", "Malignant melanoma"),
-    "nv": ("400096001", "Melanocytic nevus"),
-    "bcc": ("254701007", "Basal cell carcinoma of skin"),
-}
 
 DERMOSCOPIC_PHOTOGRAPHY = hd.sr.CodedConcept("446078004", "SCT", "Dermoscopic photography")
 SKIN_LESION = hd.sr.CodedConcept("95324001", "SCT", "Skin lesion")
@@ -111,14 +102,50 @@ _ALSO_COPIED = (
 )  # fmt: skip
 
 
-def _evidence(source: Dataset) -> Dataset:
-    """A copy of the header with the Type 2 attributes highdicom reads present (empty when absent).
+# What the SR needs to reference the image; with the two lists above, the whole of what the evidence holds.
+_REFERENCE = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns",
+    "NumberOfFrames", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+)  # fmt: skip
 
+
+_HD_CHARSETS = frozenset(v.value for v in hd.enum.SpecificCharacterSetValues)
+
+
+def _character_set(source: Dataset) -> list[str] | str | None:
+    r"""The source's Specific Character Set as highdicom takes it.
+
+    With code extensions the first value may be empty, meaning the default repertoire (PS3.3 C.12.1.1.2):
+    ``\ISO 2022 IR 87`` (Japanese) and ``\ISO 2022 IR 149`` (Korean) are written so by most modalities, and
+    highdicom refuses the empty value. It is the same as ``ISO 2022 IR 6``, written out here.
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    values = [str(v).strip() for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value])]
+    if len(values) > 1 and not values[0]:
+        values[0] = "ISO 2022 IR 6"
+    if not all(v in _HD_CHARSETS for v in values if v):
+        return "ISO_IR 192"  # one highdicom does not list (Korean ISO 2022 IR 149): the decoded text as UTF-8
+    return values if len(values) > 1 else (values[0] or None)
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """The header's attributes the SR may copy, with the Type 2 ones highdicom reads present (empty when absent).
+
+    highdicom copies the whole Patient and Study modules of its evidence into the SR: given the full header it
+    copied Patient Comments, Additional Patient History and Other Patient Names, none of them needed by a PACS
+    to file the SR (issue 28, finding 14). Only the documented attributes (docs/security.md) go in.
     A sex outside the defined terms (M, F, O) is left empty: highdicom refuses it, and an SR must not
     fail for it. A missing Modality becomes XC (VL photography) or OT: the image library needs one.
     """
     ev = Dataset()
-    ev.update(source)
+    for keyword in (*_REFERENCE, *_COPIED_BY_HIGHDICOM, *_ALSO_COPIED):
+        if keyword in source:
+            ev[keyword] = source[keyword]
+    charset = _character_set(source)
+    if charset is not None:
+        ev.SpecificCharacterSet = charset
     for keyword in _COPIED_BY_HIGHDICOM:
         if keyword not in ev:
             setattr(ev, keyword, None)
@@ -269,7 +296,9 @@ def build_sr(answer: ClassifyResponse, source: Dataset) -> hd.sr.ComprehensiveSR
     for keyword in _ALSO_COPIED:
         if keyword in source:
             sr[keyword] = source[keyword]
-    sr.SoftwareVersions = answer.model.version[:64]
+    # LO, multi-valued: the software that made the SR, then the model that made the answer
+    versions = [f"{SERVICE_NAME} {answer.service_version}"[:64], f"{answer.model.name} {answer.model.version}"[:64]]
+    sr.add_new("SoftwareVersions", "LO", versions)
     return sr
 
 
@@ -277,8 +306,14 @@ def make_sr(answer: ClassifyResponse, data: bytes) -> Dataset:
     """The SR for the classified Part-10 object ``data`` (CPU work: call it off the event loop).
 
     Raises:
+        InvalidImage: the object lacks a valid Study, Series or SOP Instance UID: the sender's fault, 400 / C000
+            (it was a 500 / 0110 "SR could not be built", issue 28 finding 12).
         InferenceFailed: the SR could not be built (a header highdicom refuses); logged by type only.
     """
+    identifiers = answer.dicom.identifiers if answer.dicom is not None else {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not identifiers.get(keyword):  # only well-formed UIDs are kept there
+            raise InvalidImage(f"the DICOM object has no valid {keyword}: its result cannot be filed as an SR")
     try:
         return build_sr(answer, source_header(data))
     except Exception as exc:  # highdicom's messages may quote header values: never pass them on

@@ -48,7 +48,7 @@ class ReloadResponse(BaseModel):
     )
 
 
-def require_admin(request: Request, rt: RuntimeDep) -> None:
+async def require_admin(request: Request, rt: RuntimeDep) -> None:
     admins = rt.settings.admin_ids
     if not admins:
         raise Forbidden("the admin API is off: set LESIONSERVE_ADMIN_KEY_IDS to the key ids allowed to use it")

@@ -30,6 +30,16 @@ CANARY_DIR = Path(__file__).with_name("canary")
 CANARY_MAX_PIXELS = 1 << 24  # our own 320x240 files: LESIONSERVE_MAX_PIXELS is a limit on callers, not on them
 # float32 softmax rows sum to 1 within ~1e-6; 1e-3 tolerates a sum of per-view means, never a missing softmax.
 SUM_TOLERANCE = 1e-3
+# The canary images' diagnoses (canary/ATTRIBUTION.txt). A new model that gets fewer of them right than the serving
+# one (a model answering "nevus 100%" for everything: 2 of 4) needs force; so does one whose slowest check run
+# takes over this fraction of REQUEST_TIMEOUT_S (it would answer 504s once serving).
+CANARY_LABELS = {
+    "ISIC_0000002.jpg": "mel",
+    "ISIC_0000160.jpg": "mel",
+    "ISIC_0000017.jpg": "nv",
+    "ISIC_0000212.jpg": "nv",
+}
+SLOW_RUN_FRACTION = 0.25
 
 
 def contract_changes(serving: Served, new: InferenceModel) -> list[str]:
@@ -46,6 +56,9 @@ def contract_changes(serving: Served, new: InferenceModel) -> list[str]:
         changes.append(f"input size {old.input_size} -> {meta.input_size}")
     if old.malignant_classes != meta.malignant_classes:  # what the malignancy score sums
         changes.append(f"malignant classes {old.malignant_classes} -> {meta.malignant_classes}")
+    for name, had, has in (("ood_score", old.ood, meta.ood), ("cam", old.cam, meta.cam)):
+        if had is not None and has is None:  # answers would say "check unavailable"; OOD_POLICY=reject would stop
+            changes.append(f"output {name!r} removed")
     if serving.model.provider != new.provider:  # e.g. CUDA out of memory beside the old session: CPU fallback
         changes.append(f"execution provider {serving.model.provider} -> {new.provider}")
     return changes
@@ -88,6 +101,14 @@ def warm_up(target: Target, sizes: list[int], classes: int, execute: Execute = d
         problem = _check_output(out, n, classes)
         if problem is not None:
             raise ModelRejected(ReloadResult.WARM_UP, f"warm-up, batch of {n}: {problem}")
+
+
+def canary_right(tops: list[str] | None, classes: list[str]) -> int | None:
+    """How many canary images got their known diagnosis as top class (None: unknown, or the classes lack them)."""
+    images = [name for name, _ in canary_images()]
+    if tops is None or len(tops) != len(images) or not set(CANARY_LABELS.values()) <= set(classes):
+        return None
+    return sum(CANARY_LABELS.get(name) == top for name, top in zip(images, tops, strict=True))
 
 
 def canary_images() -> list[tuple[str, bytes]]:

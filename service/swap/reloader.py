@@ -9,6 +9,7 @@ the serving model is never touched before the switch, which is one assignment
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -55,14 +56,20 @@ class Reloader:
         """
         if requested is None:
             return self.path
-        candidate = Path(requested)
-        resolved = (candidate if candidate.is_absolute() else self.models_dir / candidate).resolve()
-        if not resolved.is_relative_to(self.models_dir):
-            raise ModelPathRefused(f"{requested!r} is outside the models folder {self.models_dir}")
+        shown = repr(requested[:80])  # the caller's text, bounded; never the server's own folder (issue 28: 13)
+        try:
+            candidate = Path(requested)
+            resolved = (candidate if candidate.is_absolute() else self.models_dir / candidate).resolve()
+            inside = resolved.is_relative_to(self.models_dir)
+            is_file = inside and resolved.is_file()
+        except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a name too long, a symlink loop
+            raise ModelPathRefused(f"{shown} is not a usable path ({type(exc).__name__})") from None
+        if not inside:
+            raise ModelPathRefused(f"{shown} is outside the models folder")
         if resolved.suffix != ".onnx":
-            raise ModelPathRefused(f"{requested!r} is not an .onnx file")
-        if not resolved.is_file():
-            raise ModelPathRefused(f"{requested!r} does not exist in the models folder")
+            raise ModelPathRefused(f"{shown} is not an .onnx file")
+        if not is_file:
+            raise ModelPathRefused(f"{shown} does not exist in the models folder")
         return resolved
 
     def reload(self, requested: str | None = None, *, force: bool = False, trigger: str = "api") -> dict[str, Any]:
@@ -143,8 +150,18 @@ class Reloader:
 
         # Each check run is done by the batcher's worker between two batches: serving never shares the cores
         # with the checks, and a waiting request is delayed by at most one run.
+        slowest = 0.0
+        bound = runtime.settings.request_timeout_s
+
         def between(fn: Callable[[], ModelOutput]) -> ModelOutput:
-            return runtime.batcher.run_between(fn).result()
+            nonlocal slowest
+            t0 = time.perf_counter()
+            try:  # every check run bounded: a model that hangs is refused, not waited for
+                out = runtime.batcher.run_between(fn).result(timeout=bound + 60.0)
+            except concurrent.futures.TimeoutError:
+                raise ModelRejected(ReloadResult.WARM_UP, f"a check run took over {bound + 60.0:g} s") from None
+            slowest = max(slowest, time.perf_counter() - t0)
+            return out
 
         steps["load"] = time.perf_counter() - started
         checks.warm_up(new.target, runtime.batcher.sizes, len(new.meta.classes), between)
@@ -156,6 +173,23 @@ class Reloader:
             if serving.canary_top is not None
             else None
         )
+        refusals, check = [], ReloadResult.WARM_UP
+        was_right = checks.canary_right(serving.canary_top, serving.meta.classes)
+        now_right = checks.canary_right(new.canary_top, new.meta.classes)
+        if was_right is not None and now_right is not None and now_right < was_right:
+            check = ReloadResult.CANARY
+            refusals.append(
+                f"it gets {now_right} of {len(new.canary_top)} canary images right (known diagnoses), the serving "
+                f"model {was_right}"
+            )
+        if slowest > checks.SLOW_RUN_FRACTION * bound:
+            refusals.append(
+                f"its slowest check run took {slowest:.2f} s, over {checks.SLOW_RUN_FRACTION:g} of the request "
+                f"timeout ({bound:g} s)"
+            )
+        if refusals and not force:
+            raise ModelRejected(check, "; ".join(refusals) + " (send force=true to accept it anyway)")
+        changes = changes + refusals
         previous = runtime.switch(new)
         self.path = path
         _log_release(previous)

@@ -12,6 +12,7 @@
 
   let current = null; // {seq, controller} of the request in flight
   let seq = 0;
+  let heatSeq = 0; // the heatmap selector's requests, newest wins
   let shown = null; // the answer on screen
 
   // --- API key (sessionStorage: gone when the tab closes) ---------------------------------
@@ -138,9 +139,10 @@
       return;
     }
     modelInfo = (await resp.json()).models[0];
+    // for a clinician: which model, and what it tells apart; the engineering facts are under "Technical details"
     $("model-line").textContent =
-      "Model " + modelInfo.name + " " + modelInfo.version + " · " + modelInfo.classes.length + " classes · input " +
-      modelInfo.input_size + " px · " + modelInfo.provider;
+      "Model " + modelInfo.name + " " + modelInfo.version + " · tells apart " + modelInfo.classes.length +
+      " kinds of skin lesion";
   }
 
   // --- classify -------------------------------------------------------------------------------
@@ -150,7 +152,11 @@
     $("summary").textContent = "";
   }
 
+  let lastFile = null; // the image on screen, sent again when another heatmap class is chosen
+  let wholeUrl = null; // object URL of that image (JPEG/PNG), revoked when replaced
+
   async function classify(file, note) {
+    lastFile = file;
     if (current) current.controller.abort(); // the newest image wins; an older answer is never shown for it
     const mine = { seq: ++seq, controller: new AbortController() };
     current = mine;
@@ -201,35 +207,106 @@
   }
 
   // --- render -----------------------------------------------------------------------------------
+  const nameOf = (answer, code) => (answer.predictions.find((p) => p.code === code) || { name: code }).name;
+
   function render(answer, file) {
     shown = answer;
     const top = answer.top;
     const m = answer.malignancy;
     const ood = answer.ood || { available: false };
     const flagged = ood.available && ood.out_of_distribution;
+    const above = m.above_threshold;
 
-    // out-of-distribution warning (text + icon; the panel's colour is a third signal, never the only one)
-    $("ood").hidden = !flagged;
-    if (flagged) {
-      $("ood-text").textContent =
-        (top.warning || "This image looks unlike the images the model was trained on.") +
-        " Score " + ood.score.toFixed(4) + " > threshold " + ood.threshold.toFixed(4) + " (" + ood.method + ").";
+    // --- plain words first --------------------------------------------------------------------
+    $("top-name").textContent = top.name;
+    $("top-pct").textContent = "(" + pct(top.probability) + ")";
+    const second = answer.predictions[1];
+    $("runner-up").textContent = second ? "then " + second.name + " (" + pct(second.probability) + ")" : "";
+
+    const malignant = answer.predictions.filter((p) => m.classes.includes(p.code));
+    const parts = malignant.map((p) => p.name + " " + pct(p.probability)).join(" + ");
+    const verdict = $("malignancy-verdict");
+    verdict.className = "verdict " + (above ? "above" : "below");
+    verdict.replaceChildren(
+      el("span", above ? "▲ " : "▼ ", "icon"),
+      el("strong", above ? "raised: look closer" : "not raised"),
+    );
+    verdict.firstChild.setAttribute("aria-hidden", "true");
+    const topIsMalignant = m.classes.includes(top.code);
+    let why =
+      "The " + malignant.length + " malignant classes together: " + parts + " = " + pct(m.score) + ", " +
+      (above ? "at or above" : "below") + " the threshold of " + pct(m.threshold) + ".";
+    if (above && !topIsMalignant) {
+      why += " The flag is raised although the most likely class is benign: the malignant classes add up, and the " +
+        "threshold is set low on purpose so that few malignant lesions are missed.";
+    } else if (!above && topIsMalignant) {
+      why += " The most likely class is malignant but the flag is not raised: read both.";
+    }
+    $("malignancy-reason").textContent = why;
+
+    const oodVerdict = $("ood-verdict");
+    if (!ood.available) {
+      oodVerdict.className = "verdict";
+      oodVerdict.textContent = "not checked";
+      $("ood-reason").textContent = "This model has no check of whether an image resembles its training images.";
+    } else {
+      oodVerdict.className = "verdict " + (flagged ? "above" : "below");
+      oodVerdict.replaceChildren(el("span", flagged ? "⚠ " : "✓ ", "icon"), el("strong", flagged ? "no" : "yes"));
+      oodVerdict.firstChild.setAttribute("aria-hidden", "true");
+      $("ood-reason").textContent = flagged
+        ? (top.warning || "This image looks unlike the dermoscopic images the model was trained on.") +
+          " Do not rely on the classification above."
+        : "The image resembles the dermoscopic images the model was trained on.";
+    }
+    $("ood-line").classList.toggle("warn", Boolean(flagged));
+
+    // --- the whole image with the model's crop drawn on it, and what the model saw --------------------
+    const img = answer.image;
+    const ex = answer.explanation || {};
+    const viewable = /^image\/(jpeg|png)$/.test(file.type || "") || img.format === "jpeg" || img.format === "png";
+    if (wholeUrl) URL.revokeObjectURL(wholeUrl);
+    wholeUrl = viewable ? URL.createObjectURL(file) : null;
+    $("whole-figure").hidden = !wholeUrl;
+    if (wholeUrl) {
+      $("whole").src = wholeUrl;
+      $("whole").alt = "The whole uploaded image, " + img.width + " × " + img.height + " px, with the square the model saw outlined";
+      // the service crops the centre square of the image as displayed (EXIF orientation applied), then resizes it
+      const side = Math.min(img.width, img.height);
+      const box = $("crop-box");
+      box.style.left = ((img.width - side) / 2 / img.width) * 100 + "%";
+      box.style.top = ((img.height - side) / 2 / img.height) * 100 + "%";
+      box.style.width = (side / img.width) * 100 + "%";
+      box.style.height = (side / img.height) * 100 + "%";
+      const cut = side < Math.max(img.width, img.height);
+      $("whole-caption").textContent = cut
+        ? "The whole image; the model saw only the outlined centre square. Anything outside it was not looked at."
+        : "The whole image; the model saw all of it (it is square).";
+    } else {
+      $("whole-caption").textContent = "";
     }
 
-    // the image as the model saw it, and its heatmap
-    const ex = answer.explanation || {};
     const crop = $("crop");
     crop.hidden = !ex.input_png_base64;
-    const toggle = $("heatmap-toggle");
-    toggle.disabled = !ex.available;
+    $("heatmap-toggle").disabled = !ex.available;
+    const select = $("heatmap-class");
+    select.replaceChildren(...answer.predictions.map((p) => {
+      const o = el("option", p.name + " (" + pct(p.probability) + ")");
+      o.value = p.code;
+      return o;
+    }));
+    select.value = ex.class || top.code;
+    select.disabled = !ex.available;
     $("heatmap-note").textContent = ex.available ? "" : ex.detail || "No heatmap in this answer.";
     showCrop();
-    $("crop-caption").textContent = ex.width
-      ? "Centre crop resized to " + ex.width + " × " + ex.height + " px: the image as the model saw it."
-      : "The service returned no model-input image.";
+    $("crop-caption").textContent = !ex.width
+      ? "The service returned no model-input image."
+      : wholeUrl
+        ? "The outlined square, resized to " + ex.width + " × " + ex.height + " px: what the model looked at."
+        : "The centre square of the " + img.width + " × " + img.height + " px image (a browser cannot show a DICOM " +
+          "file whole), resized to " + ex.width + " × " + ex.height + " px: what the model looked at." +
+          (img.width !== img.height ? " The rest of the image was not looked at." : "");
 
-    // malignancy against its threshold: words and an arrow, not colour alone
-    const above = m.above_threshold;
+    // --- the score against its threshold: words and an arrow, not colour alone -----------------------
     const mal = $("malignancy");
     mal.className = "malignancy " + (above ? "above" : "below");
     mal.replaceChildren(
@@ -241,7 +318,8 @@
     $("malignancy-bar").style.width = Math.min(100, m.score * 100) + "%";
     $("malignancy-bar").className = "scale-fill " + (above ? "above" : "below");
     $("threshold-mark").style.left = Math.min(100, m.threshold * 100) + "%";
-    $("malignancy-classes").textContent = "Score = sum of the probabilities of " + m.classes.join(", ") + ".";
+    $("malignancy-classes").textContent =
+      "Score = sum of the probabilities of the malignant classes: " + malignant.map((p) => p.name).join(", ") + ".";
 
     // ranked classes with their bars
     const list = $("classes");
@@ -262,12 +340,15 @@
       list.append(li);
     }
 
-    // model, request, DICOM
+    // --- technical details, folded ----------------------------------------------------------------
     fillList($("model-details"), [
       ["Name", answer.model.name],
       ["Version", answer.model.version],
       ["sha256", answer.model.sha256, true],
-      ["Provider", modelInfo && modelInfo.provider],
+      ["Precision", answer.model.precision],
+      ["Execution provider", modelInfo && modelInfo.provider],
+      ["Input size", modelInfo && modelInfo.input_size + " px"],
+      ["Service version", answer.service_version],
       [
         "Out-of-distribution check",
         ood.available
@@ -280,7 +361,7 @@
     fillList($("request-details"), [
       ["Request id", answer.request_id, true],
       ["File", (file.name || "pasted image") + " (" + bytes(file.size) + ")"],
-      ["Image", answer.image.width + " × " + answer.image.height + " px, " + answer.image.format],
+      ["Image", img.width + " × " + img.height + " px, " + img.format],
       ["Timings", "decode " + ms(t.decode) + " · queue " + ms(t.queue) + " · inference " + ms(t.inference) + " · total " + ms(t.total)],
       ["Batch size", answer.batch_size],
     ]);
@@ -298,8 +379,9 @@
 
     $("result").hidden = false;
     $("summary").textContent =
-      "Result: top class " + top.name + ", " + pct(top.probability) + ". Malignancy score " + pct(m.score, 2) +
-      (above ? ", above" : ", below") + " the threshold " + pct(m.threshold, 2) + "." +
+      "Result: most likely " + top.name + ", " + pct(top.probability) + ". Malignancy flag " +
+      (above ? "raised" : "not raised") + ": score " + pct(m.score, 2) + (above ? ", above" : ", below") +
+      " the threshold " + pct(m.threshold, 2) + "." +
       (flagged ? " Warning: the image looks unlike the training data." : "");
   }
 
@@ -310,9 +392,42 @@
     const crop = $("crop");
     const b64 = heat ? ex.png_base64 : ex.input_png_base64;
     if (b64) crop.src = "data:image/png;base64," + b64;
+    const explained = ex.class ? nameOf(shown, ex.class) : "";
+    $("heatmap-legend").hidden = !heat;
+    $("heatmap-explains").textContent = heat ? "Where the model found evidence for: " + explained + "." : "";
     crop.alt = heat
-      ? "Model input with the class activation heatmap of " + ex.class + " over it (red: strongest evidence)"
-      : "The image as the model saw it (centre crop, resized)";
+      ? "What the model saw, with the heatmap of its evidence for " + explained + " over it (red: strongest)"
+      : "What the model saw: the centre square of the image, resized";
+  }
+
+  // Another class in the selector: the same image again with explain_class, and only its heatmap replaced.
+  async function explainClass() {
+    const code = $("heatmap-class").value;
+    if (!shown || !lastFile || !code || (shown.explanation || {}).class === code) return;
+    const mine = ++heatSeq;
+    const forAnswer = shown; // a new image meanwhile replaces `shown`: this heatmap is then dropped
+    $("heatmap-note").textContent = "Drawing the heatmap of " + nameOf(shown, code) + "…";
+    const form = new FormData();
+    form.append("image", lastFile, lastFile.name || "pasted-image");
+    try {
+      const resp = await fetch("v1/classify?explain_class=" + encodeURIComponent(code), {
+        method: "POST", body: form, headers: headers({ Accept: "application/json" }),
+      });
+      if (mine !== heatSeq || shown !== forAnswer) return;
+      if (!resp.ok) {
+        const p = await readProblem(resp);
+        $("heatmap-note").textContent = "No heatmap: " + p.title + ". " + p.detail;
+        return;
+      }
+      const again = await resp.json();
+      if (mine !== heatSeq || shown !== forAnswer) return;
+      shown.explanation = again.explanation;
+      $("heatmap-note").textContent = "";
+      $("heatmap-toggle").checked = true;
+      showCrop();
+    } catch (err) {
+      if (mine === heatSeq && shown === forAnswer) $("heatmap-note").textContent = "No heatmap: " + String(err.message || err);
+    }
   }
 
   // --- the model card (fetched with the key, shown in a dialog) -------------------------------
@@ -367,6 +482,7 @@
       }
     });
     $("heatmap-toggle").addEventListener("change", showCrop);
+    $("heatmap-class").addEventListener("change", explainClass);
     $("card-link").addEventListener("click", openCard);
     $("card-close").addEventListener("click", () => $("card-dialog").close());
     $("key-form").addEventListener("submit", (e) => {

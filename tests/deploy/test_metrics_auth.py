@@ -40,7 +40,8 @@ def test_compose_prometheus_sends_the_key_file_and_its_placeholder_is_no_key() -
 
 
 def test_kubernetes_names_a_metrics_only_key_and_does_not_open_metrics() -> None:
-    objects = {doc["kind"]: doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in load_yaml_all(path)}
+    base = DEPLOY / "k8s" / "base"
+    objects = {doc["kind"]: doc for path in sorted(base.glob("*.yaml")) for doc in load_yaml_all(path)}
     config = objects["ConfigMap"]["data"]
     assert config["LESIONSERVE_METRICS_ONLY_KEY_IDS"] == "prometheus"
     assert config.get("LESIONSERVE_METRICS_AUTH", "auto") in ("auto", "true")
@@ -49,6 +50,10 @@ def test_kubernetes_names_a_metrics_only_key_and_does_not_open_metrics() -> None
         "type": "Bearer",
         "credentials_file": "/etc/prometheus/secrets/lesionserve-metrics-key",
     }
+    # the Prometheus Operator's scrape sends it too, from a Secret beside the pods
+    (endpoint,) = objects["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert endpoint["authorization"]["credentials"] == {"name": "lesionserve-metrics-key", "key": "token"}
 
 
 def test_promtool_accepts_the_kubernetes_scrape_job(tmp_path: Path) -> None:

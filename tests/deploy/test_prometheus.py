@@ -137,3 +137,14 @@ def test_scrape_config_targets_the_compose_service_port() -> None:
     assert targets == ["lesionserve:8000"]
     # The alert rules select on this job name.
     assert all('job="lesionserve"' in str(r["expr"]) for r in _rules() if "up{" in str(r["expr"]))
+
+
+def test_outbox_rule_tests_fail_when_a_limit_moves(tmp_path: Path) -> None:
+    """outbox.test.yml pins the 30-minute age limit, "any dead letter", and the growth's 15-minute `for`."""
+    broken = {
+        "age limit 1 h": ("(lesionserve_outbox_oldest_pending_age_seconds) > 1800", "(lesionserve_outbox_oldest_pending_age_seconds) > 3600"),
+        "dead letters tolerated": ("(lesionserve_outbox_dead_letters) > 0", "(lesionserve_outbox_dead_letters) > 1"),
+        "growth alerted at once": ("(lesionserve_outbox_pending[15m])) > 0\n        for: 15m", "(lesionserve_outbox_pending[15m])) > 0\n        for: 1m"),
+    }  # fmt: skip
+    for what, (old, new) in broken.items():
+        assert rule_test_with(tmp_path, "outbox.test.yml", old, new).returncode != 0, f"{what} went unnoticed"

@@ -33,6 +33,7 @@ from tests.conftest import TEST_DATA, in_ci
 from tests.deploy.conftest import stop_process
 from tests.service.conftest import client_factory, settings_factory  # noqa: F401  (fixtures)
 from tests.service.test_dicom import make_dicom
+from tests.service.test_dimse import wait_for
 from tests.service.test_lifecycle import free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -84,12 +85,22 @@ class Orthanc:
     def instance_count(self) -> int:
         return int(self.http.get("/statistics").json()["CountInstances"])
 
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.http.get("/jobs", params={"expand": ""}).json())
+
 
 @pytest.fixture
 def orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Orthanc]:
     """Orthanc on free ports; parametrized indirectly with a Lua script's path, it runs that script."""
     need_orthanc()
     lua: Path | None = getattr(request, "param", None)
+    if isinstance(lua, tuple):  # (script, {text: replacement}): the script with a setting changed for the test
+        script, edits = lua
+        text = script.read_text()
+        for old, new in edits.items():
+            text = text.replace(old, new)
+        lua = tmp_path / script.name
+        lua.write_text(text)
     http_port, dicom_port, scp_port = free_port(), free_port(), free_port()
     storage = tmp_path / "orthanc-storage"
     storage.mkdir()
@@ -170,6 +181,9 @@ def test_orthanc_routes_the_images_by_c_store_and_gets_srs_back(
     ids = [orthanc.upload(p.read_bytes())["ID"] for p in DICOMS]
     r = orthanc.store_to_lesionserve(ids)
     assert r.status_code == 200, r.text
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in DICOMS]
+    # answered once the SRs were in the outbox (service/hospital/outbox.py); its sender delivers them next
+    wait_for(lambda: all(orthanc.srs_in_study(s.StudyInstanceUID) for s in sources))
     for path in DICOMS:
         source = pydicom.dcmread(path, stop_before_pixels=True)
         (sr,) = orthanc.srs_in_study(source.StudyInstanceUID)
@@ -198,6 +212,7 @@ def test_stow_rs_in_srs_pushed_to_orthanc_and_read_back_by_wado_rs(
     assert r.headers["content-type"] == "application/dicom+json"
     referenced = r.json()["00081199"]["Value"]
     assert len(referenced) == len(DICOMS) and "00081198" not in r.json()
+    wait_for(lambda: orthanc.instance_count() == len(DICOMS))  # the outbox's sender stores the 3 SRs
     wado = DICOMwebClient(url=orthanc.dicomweb_url)
     for path in DICOMS:
         source = pydicom.dcmread(path, stop_before_pixels=True)
@@ -283,3 +298,30 @@ def test_the_documented_routing_script_sends_new_images_and_gets_srs_without_a_l
     stores = [x for x in audit_lines(audit) if x.get("channel", {}).get("entry") == "dimse"]
     assert len(stores) == len(DICOMS)  # one C-STORE per image: the SRs were not routed back
     assert orthanc.instance_count() == 2 * len(DICOMS)
+
+
+@pytest.mark.parametrize(
+    "orthanc", [(ROUTING_SCRIPT, {"RETRY_AFTER_S = 30": "RETRY_AFTER_S = 0"})], indirect=True, ids=["routing-script"]
+)
+def test_an_image_stored_while_lesionserve_is_down_is_sent_again_by_the_routing_script(
+    orthanc: Orthanc,
+    client_factory: Callable[..., TestClient],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Issue 28, finding 11: the send fails (nothing listens), the script resubmits the failed job once lesionserve
+    is back and the next image arrives; both images get their SR."""
+    first, second = (pydicom.dcmread(p, stop_before_pixels=True) for p in DICOMS[:2])
+    orthanc.upload(DICOMS[0].read_bytes())  # lesionserve is down: Orthanc's send job fails
+    until = time.monotonic() + 120  # a bound on waiting for Orthanc's job, not a timing claim
+    while not any(j.get("State") == "Failure" for j in orthanc.jobs()) and time.monotonic() < until:
+        time.sleep(0.2)
+    assert any(j.get("State") == "Failure" for j in orthanc.jobs())
+    client_factory(
+        dimse_enabled=True, dimse_port=orthanc.scp_port, dimse_host="127.0.0.1", dimse_allowed_aets="ORTHANC",
+        dimse_destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", audit_log=str(tmp_path / "a.jsonl"),
+    )  # fmt: skip
+    orthanc.upload(DICOMS[1].read_bytes())  # lesionserve is up: this image, and the failed one again
+    until = time.monotonic() + 120
+    while not (orthanc.srs_in_study(first.StudyInstanceUID) and orthanc.srs_in_study(second.StudyInstanceUID)):
+        assert time.monotonic() < until, "the failed send was not retried"
+        time.sleep(0.5)

@@ -150,25 +150,66 @@ def test_upload_shows_the_same_classes_as_the_api(page: Page, server: str, tmp_p
     answer = api(server, JPEG, "image/jpeg", explain="true").json()
     assert shown == [[c["code"], f"{c['probability'] * 100:.1f} %"] for c in answer["predictions"]]
 
+    # plain words first; the engineering details folded, closed until asked for
+    assert p.inner_text("#top-name") == answer["top"]["name"]
+    assert "ExecutionProvider" not in p.inner_text("header") and "ExecutionProvider" not in p.inner_text("#verdict")
+    assert p.get_attribute("#tech", "open") is None and not p.is_visible("#model-details")
     m = answer["malignancy"]
+    verdict = p.inner_text("#malignancy-verdict")
+    assert ("raised" in verdict and "not raised" not in verdict) if m["above_threshold"] else "not raised" in verdict
+    reason = p.inner_text("#malignancy-reason")  # the reason: which classes add up to what, against what
+    assert f"{m['threshold'] * 100:.1f} %" in reason and f"{m['score'] * 100:.1f} %" in reason
+    names = {c["code"]: c["name"] for c in answer["predictions"]}
+    assert all(names[c] in reason for c in m["classes"])
+    assert "no" in p.inner_text("#ood-verdict") and "dermoscopic" in p.inner_text("#ood-reason")
     text = p.inner_text("#malignancy")
     assert ("Above threshold" if m["above_threshold"] else "Below threshold") in text
     assert f"{m['threshold'] * 100:.2f} %" in text and ("▲" in text) == m["above_threshold"]  # not colour alone
+    p.click("#tech summary")  # unfold the technical details
     details = p.inner_text("#model-details") + p.inner_text("#request-details")
+    assert "CPUExecutionProvider" in details
     assert answer["model"]["sha256"] in details and "total" in details
     rid = p.inner_text("#request-details dd.mono")
     assert len(rid) == 32 and rid != answer["request_id"]  # the page's own request, shown
-    assert "dermoscopic" in p.inner_text("#ood")  # the tiny model flags this image (see tests/tiny_model.py)
-    assert answer["ood"]["out_of_distribution"] is True
-    assert "Result: top class " + answer["top"]["name"] in p.inner_text("#summary")  # aria-live summary
+    assert answer["ood"]["out_of_distribution"] is True  # the tiny model flags this image (see tests/tiny_model.py)
+    assert "Result: most likely " + answer["top"]["name"] in p.inner_text("#summary")  # aria-live summary
 
     # the crop as the model saw it, and the heatmap over it
     src = p.get_attribute("#crop", "src")
     assert src == "data:image/png;base64," + answer["explanation"]["input_png_base64"]
+    assert p.is_hidden("#heatmap-legend")
     p.focus("#heatmap-toggle")
     p.keyboard.press("Space")
     assert p.get_attribute("#crop", "src") == "data:image/png;base64," + answer["explanation"]["png_base64"]
     assert "heatmap" in (p.get_attribute("#crop", "alt") or "")
+    # the legend says what the colours mean and which class the map explains
+    assert p.is_visible("#heatmap-legend") and "red: strongest evidence" in p.inner_text("#heatmap-legend")
+    assert answer["top"]["name"] in p.inner_text("#heatmap-explains")
+    # the selector: another class's map, the same the API draws for it
+    other = answer["predictions"][-1]["code"]
+    p.select_option("#heatmap-class", other)
+    p.wait_for_selector(f"#heatmap-explains:has-text('{names[other]}')")
+    assert (
+        p.get_attribute("#crop", "src")
+        == "data:image/png;base64,"
+        + api(server, JPEG, "image/jpeg", explain_class=other).json()["explanation"]["png_base64"]
+    )
+
+    # the whole image, with the square the model saw drawn where the service cut it
+    assert (p.get_attribute("#whole", "src") or "").startswith("blob:")
+    p.wait_for_function("document.getElementById('whole').complete")
+    whole = p.eval_on_selector(
+        "#whole", "e => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }"
+    )
+    box = p.eval_on_selector(
+        "#crop-box", "e => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }"
+    )
+    w, h = answer["image"]["width"], answer["image"]["height"]
+    side = min(w, h)
+    scale = whole[2] / w
+    expected = [whole[0] + (w - side) / 2 * scale, whole[1] + (h - side) / 2 * scale, side * scale, side * scale]
+    assert all(abs(a - b) <= 2 for a, b in zip(box, expected, strict=True)), (box, expected)
+    assert "outlined centre square" in p.inner_text("#whole-caption")
 
     p.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 10_000
@@ -218,6 +259,10 @@ def test_without_a_key_the_page_asks_for_one_and_shows_the_401(page: Page) -> No
 
 def test_keyboard_only(page: Page) -> None:
     p = page.page
+    # Playwright turns on Chromium's file-chooser interception when the first listener subscribes, without
+    # waiting for it; subscribed only inside expect_file_chooser, a loaded CI machine pressed Space first and
+    # the chooser was never seen (CI, 2026-12-04). Subscribing here leaves the Tab presses below to settle it.
+    p.on("filechooser", lambda _chooser: None)
     page.enter_key()
     # Tab from the top of the page reaches the file input (visually the drop zone) ...
     for _ in range(10):
@@ -246,11 +291,15 @@ def test_dicom_shows_its_uids(page: Page, server: str) -> None:
     p = page.page
     page.enter_key()
     page.upload(DICOM)
+    p.wait_for_selector("#result:not([hidden])")
+    p.click("#tech summary")
     p.wait_for_selector("#dicom:not([hidden])")
     ids = api(server, DICOM, "application/dicom").json()["dicom"]["identifiers"]
     shown = p.inner_text("#dicom-details")
     assert ids and all(uid in shown for uid in ids.values()), (ids, shown)
     assert p.get_attribute("#crop", "src", timeout=5000).startswith("data:image/png;base64,")  # decoded by the service
+    assert p.is_hidden("#whole-figure")  # a browser cannot show a DICOM file: the service's crop stands in
+    assert "cannot show a DICOM file whole" in p.inner_text("#crop-caption")
 
 
 def test_paste_and_drop(page: Page) -> None:

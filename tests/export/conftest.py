@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
+from export.__main__ import main as export_main
 from tests.tiny_model import HAM_CLASSES, HAM_NAMES
 from train.checkpoint import Checkpoint, save_checkpoint
 from train.models import build_model
 
 SIZE = 32
+ISIC = Path(__file__).resolve().parents[1] / "data" / "isic"
+CLASSES = ["melanoma", "nevus"]  # the OOD exports of test_ood.py and test_ood_refit.py
 
 MakeCkpt = Callable[..., Path]
 
@@ -50,3 +56,31 @@ def make_ckpt(tmp_path_factory: pytest.TempPathFactory) -> MakeCkpt:
         return save_checkpoint(ckpt, root / f"{name}.pt")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lesion_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An ImageFolder (melanoma/, nevus/) of 48 PNGs and its split.json (train 24, val 8, test 16)."""
+    root = tmp_path_factory.mktemp("lesions")
+    stems = []
+    for cls in CLASSES:
+        (root / cls).mkdir()
+        for p in sorted((ISIC / cls).glob("*.jpg")):
+            img = cv2.resize(cv2.imread(str(p)), (48, 48), interpolation=cv2.INTER_AREA)
+            for k in range(4):
+                cv2.imwrite(str(root / cls / f"{p.stem}_r{k}.png"), np.rot90(img, k))
+                stems.append(f"{p.stem}_r{k}")
+    np.random.default_rng(0).shuffle(stems)
+    split = root / "split.json"
+    split.write_text(json.dumps({"train": stems[:24], "val": stems[24:32], "test": stems[32:]}))
+    return root, split
+
+
+@pytest.fixture(scope="session")
+def ood_model(make_ckpt: MakeCkpt, lesion_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data, split = lesion_folder
+    out = tmp_path_factory.mktemp("ood") / "ood.onnx"
+    ckpt = make_ckpt("ood-r18", classes=CLASSES)
+    rc = export_main([str(ckpt), "--out", str(out), "--ood-data", str(data), "--ood-split", str(split)])
+    assert rc == 0
+    return out

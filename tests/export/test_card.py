@@ -47,3 +47,16 @@ def test_card_states_the_metadata_facts() -> None:
 def test_card_without_metrics_says_so() -> None:
     card = render_card(meta(), [], file_name="x.onnx", size_bytes=1, opset=18)
     assert "No validation metrics were stored" in card
+
+
+def test_ensemble_card_has_one_row_per_member() -> None:
+    members = [
+        {"balanced_accuracy": 0.7, "auc_macro": 0.93, "n": 140, "per_class": {"mel": {"recall": 0.5}}},
+        {"balanced_accuracy": 0.75, "auc_macro": 0.94, "n": 141},
+    ]
+    m = meta(members=members, mean_of_members={"balanced_accuracy": 0.725})
+    card = render_card(m, [], file_name="x.onnx", size_bytes=1, opset=18)
+    assert "`balanced_accuracy`: 0.7250" in card
+    assert "| member | `balanced_accuracy` | `auc_macro` | `n` |" in card
+    assert "| 1 | 0.7000 | 0.9300 | 140 |" in card and "| 2 | 0.7500 | 0.9400 | 141 |" in card
+    assert "per_class" not in card  # tables of each member stay in the metadata, not dumped into the card

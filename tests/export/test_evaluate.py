@@ -44,6 +44,8 @@ def test_evaluate_onnx_on_real_images(tmp_path: Path) -> None:
     assert m["malignancy"]["positives"] == 6 and m["malignancy"]["negatives"] == 6
     for f in ("metrics.json", "confusion_matrix.png", "roc.png", "reliability.png"):
         assert (tmp_path / "eval" / f).stat().st_size > 0
+    lo, hi = m["ci95"]["balanced_accuracy"]
+    assert lo <= m["balanced_accuracy"] <= hi and set(m["ci95"]["recall"]) == set(classes)
 
 
 def test_cli_refuses_unknown_split_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,3 +72,4 @@ def test_card_section_is_inserted_once_and_replaced(tmp_path: Path) -> None:
     assert text.startswith("# Model card\n\nintro\n")
     assert text.count("## Held-out evaluation of this file") == 1
     assert f"| {m['balanced_accuracy']:.4f} |" in text and "![roc](eval/roc.png)" in text
+    assert "95% intervals (lesion-clustered bootstrap" in text and "| recall 95% CI |" in text

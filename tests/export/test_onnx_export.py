@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from export.metadata import read_metadata, weights_sha256
 from export.onnx_export import ExportResult, build_module, export_checkpoints
@@ -143,3 +144,27 @@ def test_mixed_resnet_and_lite_ensemble_normalises_per_member(
     mean = np.mean([torch_probs(m, images) for m in members], axis=0)
     ours = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: images})[0]
     np.testing.assert_allclose(ours, mean, atol=1e-4, rtol=0)
+
+
+def test_members_of_several_sizes_share_the_largest_input(
+    make_ckpt: MakeCkpt, tmp_path: Path, isic_images: list[Path]
+) -> None:
+    """Members trained at 32 and 40 px: the graph takes 40, the 32-px member resizes (antialiased) inside it."""
+    small, big = make_ckpt("size32", seed=5), make_ckpt("size40", seed=6, size=40)
+    result = export_checkpoints([small, big], tmp_path / "sizes.onnx", tta="flips")
+    assert result.metadata.input_size == 40
+    graph = onnx.load(str(result.path)).graph
+    assert any(n.op_type == "Resize" for n in graph.node)
+    imgs = load_images(isic_images, 40)
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {INPUT_NAME: imgs}), strict=True))
+    assert outs["cam"].shape[-2:] == (2, 2)  # the finer grid of the two (40 px -> 2x2; 32 px -> 1x1, resized)
+    members = [build_module([load_checkpoint(p)], "flips", False)[1] for p in (small, big)]
+    small_in = torch.nn.functional.interpolate(
+        torch.from_numpy(imgs).permute(0, 3, 1, 2).float(), size=(32, 32), mode="bilinear", antialias=True
+    )  # what the graph gives the 32-px member, as uint8 NHWC for its own module
+    small_imgs = small_in.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    expected = (torch_probs(members[0], small_imgs) + torch_probs(members[1], imgs)) / 2
+    np.testing.assert_allclose(outs[OUTPUT_NAME], expected, atol=2e-3, rtol=0)
+    unresized = (torch_probs(members[0], imgs) + torch_probs(members[1], imgs)) / 2
+    assert np.abs(outs[OUTPUT_NAME] - unresized).max() > 1e-3  # the small member really sees 32 px

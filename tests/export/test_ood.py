@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -16,47 +17,17 @@ import onnxruntime as ort
 import pytest
 
 from export.__main__ import main as export_main
+from export.acquisition import ShiftPlan, shifted
 from export.metadata import ExportError, read_metadata
-from export.ood import OodConfig, choose_ood_threshold, fit_mahalanobis
+from export.ood import OodConfig, choose_ood_threshold, fit_mahalanobis, labelled_part
 from export.ood_eval import CARD_START
 from export.ood_eval import main as ood_eval_main
 from export.ood_set import GROUPS, ood_images
 from export.parity import load_images
 from service.contract import CamSpec, MetadataError, ModelMetadata, OodSpec
 from service.inference import OnnxModel
-from tests.export.conftest import MakeCkpt
+from tests.export.conftest import CLASSES, ISIC, MakeCkpt
 from tests.tiny_model import contract_metadata
-
-ISIC = Path(__file__).resolve().parents[1] / "data" / "isic"
-CLASSES = ["melanoma", "nevus"]
-
-
-@pytest.fixture(scope="module")
-def lesion_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """An ImageFolder (melanoma/, nevus/) of 48 PNGs and its split.json (train 24, val 8, test 16)."""
-    root = tmp_path_factory.mktemp("lesions")
-    stems = []
-    for cls in CLASSES:
-        (root / cls).mkdir()
-        for p in sorted((ISIC / cls).glob("*.jpg")):
-            img = cv2.resize(cv2.imread(str(p)), (48, 48), interpolation=cv2.INTER_AREA)
-            for k in range(4):
-                cv2.imwrite(str(root / cls / f"{p.stem}_r{k}.png"), np.rot90(img, k))
-                stems.append(f"{p.stem}_r{k}")
-    np.random.default_rng(0).shuffle(stems)
-    split = root / "split.json"
-    split.write_text(json.dumps({"train": stems[:24], "val": stems[24:32], "test": stems[32:]}))
-    return root, split
-
-
-@pytest.fixture(scope="module")
-def ood_model(make_ckpt: MakeCkpt, lesion_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data, split = lesion_folder
-    out = tmp_path_factory.mktemp("ood") / "ood.onnx"
-    ckpt = make_ckpt("ood-r18", classes=CLASSES)
-    rc = export_main([str(ckpt), "--out", str(out), "--ood-data", str(data), "--ood-split", str(split)])
-    assert rc == 0
-    return out
 
 
 def test_export_adds_ood_score_and_cam_outputs(ood_model: Path, lesion_folder: tuple[Path, Path]) -> None:
@@ -72,16 +43,41 @@ def test_export_adds_ood_score_and_cam_outputs(ood_model: Path, lesion_folder: t
     assert meta.ood.fitted_on["training_images"] == 24 and meta.ood.fitted_on["validation_images"] == 8
 
 
-def test_threshold_lets_the_pass_rate_of_validation_images_through(
+def _val_paths(data: Path, split: Path) -> list[Path]:
+    return list(labelled_part(OodConfig(data, split), CLASSES, "val").paths)  # the order the shift seeds follow
+
+
+def test_threshold_covers_validation_images_and_their_acquisition_shifted_copies(
     ood_model: Path, lesion_folder: tuple[Path, Path]
 ) -> None:
     data, split = lesion_folder
-    val = set(json.loads(split.read_text())["val"])
-    images = load_images([p for p in sorted(data.rglob("*.png")) if p.stem in val], 32)
-    scores = ort.InferenceSession(str(ood_model)).run(["ood_score"], {"image": images})[0]
+    paths = _val_paths(data, split)
+    plain = load_images(paths, 32)
+    copies = [
+        cv2.resize(c, (32, 32), interpolation=cv2.INTER_AREA)  # 48 px squares: the crop is the whole image
+        for i, p in enumerate(paths)
+        for c in shifted(np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]), ShiftPlan(), i)
+    ]
+    sess = ort.InferenceSession(str(ood_model))
+    scores = np.concatenate([sess.run(["ood_score"], {"image": x})[0] for x in (plain, np.stack(copies))])
     meta = read_metadata(ood_model)
-    assert meta.ood is not None
+    assert meta.ood is not None and len(scores) == 8 * (1 + ShiftPlan().copies)
     assert (scores <= meta.ood.threshold).mean() == pytest.approx(meta.ood.pass_rate) and meta.ood.pass_rate >= 0.95
+    assert meta.ood.threshold == pytest.approx(float(np.sort(scores)[math.ceil(0.95 * 32) - 1]), rel=1e-5)
+    assert meta.ood.fitted_on["acquisition_shifts"] == ShiftPlan().describe()
+
+
+def test_ood_shifts_0_chooses_on_the_validation_images_alone(
+    make_ckpt: MakeCkpt, lesion_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, split = lesion_folder
+    out = tmp_path / "plain-val.onnx"
+    ckpt = make_ckpt("ood-r18", classes=CLASSES)
+    argv = [str(ckpt), "--out", str(out), "--ood-data", str(data), "--ood-split", str(split), "--ood-shifts", "0"]
+    assert export_main([*argv, "--no-cam"]) == 0
+    scores = ort.InferenceSession(str(out)).run(["ood_score"], {"image": load_images(_val_paths(data, split), 32)})[0]
+    meta = read_metadata(out)
+    assert meta.ood is not None and "acquisition_shifts" not in meta.ood.fitted_on
     assert meta.ood.threshold == pytest.approx(float(np.max(scores)), rel=1e-5)  # 8 images: the 8th passes
 
 
@@ -157,6 +153,7 @@ def test_no_cam_and_no_ood_is_the_plain_file(make_ckpt: MakeCkpt, tmp_path: Path
         (["--ood-data", "DATA", "--ood-split", "SPLIT", "--ood-pass-rate", "1"], "--ood-pass-rate must be in"),
         (["--ood-data", "DATA", "--ood-split", "SPLIT", "--ood-fit-limit", "-1"], "--ood-fit-limit must be >= 0"),
         (["--ood-data", "DATA", "--ood-split", "MISSING"], "no such file"),
+        (["--ood-data", "DATA", "--ood-split", "SPLIT", "--ood-shifts", "-1"], "--ood-shifts: acquisition copies"),
         (["--ood-data", "DATA", "--ood-split", "NOVAL"], "no images in part(s) val"),
         (["--ood-data", "DATA", "--ood-split", "NOTJSON"], "not a split.json"),
     ],
@@ -328,3 +325,26 @@ def test_int8_file_refits_the_ood_threshold_on_its_own_scores(
     scores = ort.InferenceSession(str(out)).run(["ood_score"], {"image": verification})[0]
     k = math.ceil(fp32.ood.pass_rate * len(scores)) - 1  # the same rule as at the fp32 export
     assert int8.ood.threshold == pytest.approx(float(np.sort(scores)[k]), rel=1e-6)  # an INT8 score, not the fp32 one
+
+
+def test_external_check_counts_the_real_images_flagged(
+    make_ckpt: MakeCkpt, lesion_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """export.external reports the share of another source's dermoscopy that the file's OOD check flags."""
+    from export.external import card_section, evaluate_external
+
+    data, split = lesion_folder
+    renamed = tmp_path / "lesions"
+    for src, dst in (("melanoma", "mel"), ("nevus", "nv")):
+        shutil.copytree(data / src, renamed / dst)
+    out = tmp_path / "mn.onnx"
+    ckpt = make_ckpt("ood-mel-nv", classes=["mel", "nv"])
+    assert export_main([str(ckpt), "--out", str(out), "--ood-data", str(renamed), "--ood-split", str(split)]) == 0
+    m = evaluate_external(out, ISIC)
+    meta = read_metadata(out)
+    assert meta.ood is not None
+    paths = sorted((ISIC / "melanoma").glob("*.jpg")) + sorted((ISIC / "nevus").glob("*.jpg"))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (scores,) = sess.run(["ood_score"], {"image": load_images(paths, meta.input_size)})
+    assert m["ood_flagged"] == pytest.approx(float((scores > meta.ood.threshold).mean()))
+    assert f"{m['ood_flagged']:.1%} of these images" in card_section(m)

@@ -33,8 +33,8 @@ def test_views_match_torch_rot90_and_are_eight_distinct_symmetries() -> None:
 
 
 def test_tta_setting_names() -> None:
-    assert [len(tta_views(t)) for t in ("none", "flips", "dihedral")] == [1, 4, 8]
-    with pytest.raises(UnknownTTAError, match=r"unknown TTA setting 'd4'.*none, flips, dihedral"):
+    assert [len(tta_views(t)) for t in ("none", "hflip", "flips", "dihedral")] == [1, 2, 4, 8]
+    with pytest.raises(UnknownTTAError, match=r"unknown TTA setting 'd4'.*none, hflip, flips, dihedral"):
         tta_views("d4")
     with pytest.raises(UnknownTTAError, match="spin"):
         TTAViews(["identity", "spin"])

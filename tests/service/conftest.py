@@ -62,9 +62,11 @@ def fake_model() -> FakeModel:
 
 
 @pytest.fixture
-def settings_factory(tiny_onnx: Path) -> Callable[..., Settings]:
+def settings_factory(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = {"model_path": tiny_onnx, "providers": "CPUExecutionProvider", "log_format": "text"}
+        if overrides.get("dimse_enabled") or overrides.get("dicomweb_push_sr"):  # each app its own SR outbox
+            values["outbox_path"] = tmp_path_factory.mktemp("outbox") / "outbox.sqlite"
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
 

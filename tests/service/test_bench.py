@@ -39,3 +39,18 @@ def test_bench_runs_end_to_end(tmp_path: Path, tiny_onnx: Path) -> None:
     assert sum(service_c16["batch_hist"].values()) >= 1
     assert report["rss"]["requests"] == 50 and report["rss"]["after_requests_mb"] > 0
     assert set(report["ceiling_img_s"][0]) == {"1", "2", "4", "8"}
+
+
+def test_ceiling_fills_batches_larger_than_the_image_folder(tiny_onnx: Path) -> None:
+    from service.bench.__main__ import ceiling
+
+    images = [p.read_bytes() for p in sorted((TEST_DATA / "isic" / "nevus").glob("*.jpg"))[:3]]
+    out = ceiling(tiny_onnx, images, [1, 5], 0.05, "CPUExecutionProvider")
+    assert set(out) == {"1", "5"} and all(v > 0 for v in out.values())
+
+
+def test_bad_batches_are_refused_in_one_line(tmp_path: Path) -> None:
+    for bad in ("1,x", "0,4"):
+        cmd = [sys.executable, "-m", "service.bench", "--batches", bad, "--workdir", str(tmp_path)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "lesionserve bench: " in proc.stderr and "Traceback" not in proc.stderr

@@ -34,8 +34,10 @@ def test_pacs_bench_runs_end_to_end(tmp_path: Path, tiny_onnx: Path) -> None:
     paths = {r["path"] for r in results}
     assert paths == {"REST /v1/classify, JSON", "REST /v1/classify, SR", "DIMSE C-STORE, SR back"}
     assert sorted({r["concurrency"] for r in results}) == [1, 2]
-    for r in results:  # every instance answered, and answered with success (C-STORE: after its SR was stored)
+    for r in results:  # every instance answered, and answered with success (C-STORE: once its SR was in the outbox)
         assert (r["ok"], r["failures"]) == (3, []), r
         assert r["per_s"] > 0
+        if r["path"].startswith("DIMSE"):  # and every SR then delivered, each with its delivery latency
+            assert r["srs_delivered"] == 3 and 0 < r["delivery_p50_ms"] <= r["delivery_p99_ms"], r
     # the sink (the PACS side) got one SR per C-STORE: 3 at each concurrency plus the 6 of the warm-up
     assert "SRs received by the sink: 12;" in proc.stdout

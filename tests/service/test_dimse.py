@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,15 @@ def send(port: int, datasets: list[Dataset], aet: str = SCU_AET) -> list[Dataset
         assoc.release()
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Poll until ``condition()`` holds (the outbox delivers after the C-STORE is answered); the bound only ends a hang."""
+    until = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > until:
+            raise AssertionError(f"not reached: {what}")
+        time.sleep(0.02)
+
+
 def metric(client: TestClient, series: str) -> float:
     """One sample's value from /metrics (counters are process-wide: tests compare before and after)."""
     for line in client.get("/metrics").text.splitlines():
@@ -128,9 +138,9 @@ def test_committed_dicoms_come_back_as_srs_in_their_study(
                'lesionserve_dimse_associations_total{outcome="accepted"}')  # fmt: skip
     before = [metric(client, c) for c in counted]
     statuses = send(port, sources)
-    assert [int(s.Status) for s in statuses] == [0x0000] * len(DICOMS)
+    assert [int(s.Status) for s in statuses] == [0x0000] * len(DICOMS)  # answered once the SRs are in the outbox
+    wait_for(lambda: metric(client, counted[1]) == before[1] + len(DICOMS))  # then delivered by the outbox's sender
     assert len(sink.received) == len(DICOMS)
-    assert sink.associations == 1  # the SRs of one incoming association travel over one outgoing association
     by_source = {}
     for sr in sink.received:
         assert sr.SOPClassUID == ComprehensiveSRStorage and sr.Modality == "SR"
@@ -154,9 +164,10 @@ def test_committed_dicoms_come_back_as_srs_in_their_study(
     stores = [line for line in lines if "dimse_status" in line.get("channel", {})]
     assert len(stores) == len(DICOMS)
     for line in stores:
-        assert line["channel"] == {"entry": "dimse", "calling_ae": SCU_AET, "dimse_status": "0x0000", "sr": "stored"}
+        assert line["channel"] == {"entry": "dimse", "calling_ae": SCU_AET, "dimse_status": "0x0000", "sr": "queued"}
         assert len(line["dicom"]["SOPInstanceUID"]) == 64  # hashed
         assert line["model"]["sha256"] == client.get("/v1/models").json()["models"][0]["sha256"]
+        assert set(line["answer"]) == {"top", "malignant", "ood"} and line["service_version"]  # what was answered
     # patient attributes go into the SR only: not into the audit trail, not into any log record
     for text in (audit.read_text(), caplog.text):
         assert all(str(s.PatientName) not in text and str(s.PatientID) not in text for s in sources)
@@ -181,7 +192,9 @@ def test_unknown_calling_ae_is_rejected_with_the_reason(node: tuple[TestClient, 
     assert sink.received == []
     (line,) = [x for x in audit_lines(audit) if x.get("channel", {}).get("entry") == "dimse"]
     assert line["outcome"]["problem"].endswith("/dimse-association-rejected")
-    assert line["channel"] == {"entry": "dimse", "calling_ae": "STRANGER", "reason": "calling AE title not recognised"}
+    assert line["channel"] == {
+        "entry": "dimse", "calling_ae": "STRANGER", "reason": "calling AE title not recognised", "folded_since_last": "0"
+    }  # fmt: skip
     assert metric(client, 'lesionserve_dimse_associations_total{outcome="rejected"}') == before + 1
 
 
@@ -246,33 +259,125 @@ def test_greyscale_secondary_capture_gets_a_failure_status_and_no_sr(
     assert metric(client, 'lesionserve_dicom_instances_total{entry="dimse",outcome="refused"}') == before + 1
 
 
-def test_sr_not_stored_at_the_destination_fails_the_c_store(
+def test_sr_destination_down_the_c_store_succeeds_and_the_sr_arrives_when_it_is_up(
     client_factory: Callable[..., TestClient], tmp_path: Path
 ) -> None:
-    refusing = SrSink(status=0xA700)  # the PACS is out of resources
+    port, dest_port, audit = free_port(), free_port(), tmp_path / "a.jsonl"
+    client = client_factory(
+        dimse_enabled=True, dimse_port=port, dimse_host="127.0.0.1", dimse_allowed_aets=SCU_AET,
+        dimse_destination=f"{DEST_AET}@127.0.0.1:{dest_port}", dimse_timeout_s=5, audit_log=str(audit),
+        outbox_retry_base_s=0.05, outbox_retry_max_s=0.2,
+    )  # fmt: skip
+    retries = 'lesionserve_outbox_retries_total{destination="dimse"}'
+    before = metric(client, retries)
+    (status,) = send(port, [pydicom.dcmread(DICOMS[0])])
+    assert int(status.Status) == 0x0000  # the SR is in the outbox: the sender's work is done
+    wait_for(lambda: metric(client, retries) >= before + 2)  # tried, failed, tried again
+    assert metric(client, "lesionserve_outbox_pending") == 1
+    tries = [x for x in audit_lines(audit) if x.get("channel", {}).get("entry") == "outbox"]
+    assert tries and all(x["channel"]["result"] == "retry" for x in tries)
+    assert "refused or did not answer" in tries[0]["channel"]["reason"]
+    late = SrSink()  # the PACS comes back, on the port it was configured at
+    late.server.shutdown()
+    late.port = dest_port
+    late.server = AE(ae_title=DEST_AET).start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, late._store)], contexts=[_sr_context()])  # fmt: skip
+    try:
+        wait_for(lambda: metric(client, "lesionserve_outbox_pending") == 0)
+        assert len(late.received) == 1
+    finally:
+        late.close()
+    (done,) = [x for x in audit_lines(audit) if x.get("channel", {}).get("result") == "delivered"]
+    assert done["outcome"]["status"] == 200 and done["channel"]["destination"] == "dimse"
+
+
+def _sr_context() -> Any:
+    from pynetdicom import build_context
+
+    return build_context(ComprehensiveSRStorage, [ExplicitVRLittleEndian])
+
+
+def test_pacs_out_of_resources_is_retried(client_factory: Callable[..., TestClient], tmp_path: Path) -> None:
+    busy = SrSink(status=0xA700)  # the PACS is out of resources: a transient refusal
     try:
         port = free_port()
-        client_factory(
+        client = client_factory(
             dimse_enabled=True, dimse_port=port, dimse_host="127.0.0.1", dimse_allowed_aets=SCU_AET,
-            dimse_destination=f"{DEST_AET}@127.0.0.1:{refusing.port}", audit_log=str(tmp_path / "a.jsonl"),
+            dimse_destination=f"{DEST_AET}@127.0.0.1:{busy.port}", audit_log=str(tmp_path / "a.jsonl"),
+            outbox_retry_base_s=0.05, outbox_retry_max_s=0.1,
         )  # fmt: skip
         (status,) = send(port, [pydicom.dcmread(DICOMS[0])])
+        assert int(status.Status) == 0x0000
+        wait_for(lambda: len(busy.received) >= 2)
+        busy.status = 0x0000  # it recovers
+        wait_for(lambda: metric(client, "lesionserve_outbox_pending") == 0)
+    finally:
+        busy.close()
+    assert metric(client, "lesionserve_outbox_dead_letters") == 0
+    lines = [x for x in audit_lines(tmp_path / "a.jsonl") if x.get("channel", {}).get("entry") == "outbox"]
+    assert "answered 0xA700" in lines[0]["channel"]["reason"] and lines[-1]["channel"]["result"] == "delivered"
+
+
+def test_pacs_refusing_the_sr_makes_a_dead_letter_that_an_admin_can_retry(
+    client_factory: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    refusing = SrSink(status=0x0122)  # SOP Class not supported: retrying cannot help
+    admin = "admin-key-0123456789"
+    try:
+        port = free_port()
+        client = client_factory(
+            dimse_enabled=True, dimse_port=port, dimse_host="127.0.0.1", dimse_allowed_aets=SCU_AET,
+            dimse_destination=f"{DEST_AET}@127.0.0.1:{refusing.port}", audit_log=str(tmp_path / "a.jsonl"),
+            api_keys=f"ops:{admin},user:user-key-0123456789", admin_key_ids="ops",
+        )  # fmt: skip
+        auth = {"authorization": f"Bearer {admin}"}
+        before = metric_auth(client, 'lesionserve_outbox_dead_lettered_total{reason="refused"}', auth)
+        (status,) = send(port, [pydicom.dcmread(DICOMS[0])])
+        assert int(status.Status) == 0x0000
+        wait_for(lambda: metric_auth(client, "lesionserve_outbox_dead_letters", auth) == 1)
+        assert len(refusing.received) == 1  # once: not retried
+        assert metric_auth(client, 'lesionserve_outbox_dead_lettered_total{reason="refused"}', auth) == before + 1
+        (dead,) = client.get("/v1/admin/outbox/letters", headers=auth).json()
+        assert (dead["reason"], dead["destination"], dead["attempts"]) == ("refused", "dimse", 1)
+        assert "0x0122" in dead["last_error"]
+        r = client.get("/v1/admin/outbox/letters", headers={"authorization": "Bearer user-key-0123456789"})
+        assert r.status_code == 403
+        refusing.status = 0x0000  # the PACS administrator adds the SR class
+        r = client.post("/v1/admin/outbox/retry", json={"ids": [dead["id"]]}, headers=auth)
+        assert r.status_code == 200 and r.json() == {"count": 1}
+        wait_for(lambda: len(refusing.received) == 2)
+        wait_for(lambda: client.get("/v1/admin/outbox", headers=auth).json()["pending"] == 0)
     finally:
         refusing.close()
-    assert int(status.Status) == 0x0110  # processing failure: the sender keeps the image and can resend
-    assert "0xA700" in str(status.ErrorComment)
-    (line,) = [x for x in audit_lines(tmp_path / "a.jsonl") if "dimse_status" in x.get("channel", {})]
-    assert line["channel"]["sr"] == "failed" and line["outcome"]["problem"].endswith("/result-not-delivered")
+    summary = client.get("/v1/admin/outbox", headers=auth).json()
+    assert (summary["dead"], summary["pending"]) == (0, 0)
+    admin_lines = [x for x in audit_lines(tmp_path / "a.jsonl") if x.get("channel", {}).get("entry") == "outbox-admin"]
+    assert admin_lines[0]["channel"] == {"entry": "outbox-admin", "action": "retry", "count": "1"}
+    assert admin_lines[0]["key_id"] == "ops"
 
 
-def test_sr_destination_down_fails_the_c_store(client_factory: Callable[..., TestClient], tmp_path: Path) -> None:
+def metric_auth(client: TestClient, series: str, headers: dict[str, str]) -> float:
+    for line in client.get("/metrics", headers=headers).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not exported")
+
+
+def test_outbox_full_answers_out_of_resources(client_factory: Callable[..., TestClient], tmp_path: Path) -> None:
     port = free_port()
-    client_factory(
+    client = client_factory(
         dimse_enabled=True, dimse_port=port, dimse_host="127.0.0.1", dimse_allowed_aets=SCU_AET,
-        dimse_destination=f"{DEST_AET}@127.0.0.1:{free_port()}", dimse_timeout_s=5,
+        dimse_destination=f"{DEST_AET}@127.0.0.1:{free_port()}", dimse_timeout_s=5, outbox_max_items=2,
+        audit_log=str(tmp_path / "a.jsonl"),
     )  # fmt: skip
-    (status,) = send(port, [pydicom.dcmread(DICOMS[0])])
-    assert int(status.Status) == 0x0110 and "refused or did not answer" in str(status.ErrorComment)
+    before = metric(client, 'lesionserve_rejections_total{reason="outbox_full"}')
+    statuses = send(port, [pydicom.dcmread(p) for p in DICOMS])  # 3 instances, room for 2, the PACS down
+    assert [int(s.Status) for s in statuses] == [0x0000, 0x0000, 0xA700]
+    assert str(statuses[2].ErrorComment) == "the result outbox is full (2 SRs wait for the PACS)"
+    assert metric(client, 'lesionserve_rejections_total{reason="outbox_full"}') == before + 1
+    assert metric(client, "lesionserve_outbox_pending") == 2
+    lines = [x for x in audit_lines(tmp_path / "a.jsonl") if "dimse_status" in x.get("channel", {})]
+    assert lines[2]["channel"]["dimse_status"] == "0xA700" and lines[2]["outcome"]["problem"].endswith("/outbox-full")
 
 
 def test_concurrent_associations_share_batches(node: tuple[TestClient, int, Path], sink: SrSink) -> None:
@@ -287,8 +392,11 @@ def test_concurrent_associations_share_batches(node: tuple[TestClient, int, Path
         t.start()
     for t in threads:
         t.join(60)
-    assert results == [0] * 4 and len(sink.received) == 4
-    # the same source gives the same SR UID every time: the PACS replaces it rather than filing copies
+    assert results == [0] * 4
+    client = node[0]
+    wait_for(lambda: len(sink.received) >= 1 and metric(client, "lesionserve_outbox_pending") == 0)
+    # the same source gives the same SR UID every time: the outbox keeps one while it waits, and the PACS
+    # replaces rather than files copies of those sent again after an earlier one was delivered
     assert len({sr.SOPInstanceUID for sr in sink.received}) == 1
 
 
@@ -305,3 +413,67 @@ def test_dimse_settings_are_checked_at_start(settings_factory: Callable[..., Any
         settings_factory(dimse_ae_title="MUCH_TOO_LONG_AE_TITLE")
     with pytest.raises(ValidationError, match="AE title"):
         settings_factory(dimse_allowed_aets="GOOD,BAD\\AET")
+
+
+def test_srs_waiting_when_the_service_stops_are_delivered_after_its_restart(
+    client_factory: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    port, dest_port, outbox = free_port(), free_port(), tmp_path / "outbox.sqlite"
+    settings = dict(
+        dimse_enabled=True, dimse_port=port, dimse_host="127.0.0.1", dimse_allowed_aets=SCU_AET, dimse_timeout_s=5,
+        dimse_destination=f"{DEST_AET}@127.0.0.1:{dest_port}", outbox_path=outbox, outbox_retry_base_s=0.05,
+        outbox_retry_max_s=0.1,
+    )  # fmt: skip
+    first = client_factory(**settings)
+    assert [int(s.Status) for s in send(port, [pydicom.dcmread(p) for p in DICOMS])] == [0x0000] * len(DICOMS)
+    assert metric(first, "lesionserve_outbox_pending") == len(DICOMS)  # the PACS is down
+    first.__exit__(None, None, None)  # the service stops (its lifespan ends: the sender stops, the file closes)
+    late = SrSink()
+    late.server.shutdown()
+    late.server = AE(ae_title=DEST_AET).start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, late._store)], contexts=[_sr_context()])  # fmt: skip
+    try:
+        second = client_factory(**settings)  # the same file: what the first left is delivered first
+        wait_for(lambda: metric(second, "lesionserve_outbox_pending") == 0)
+        assert len(late.received) == len(DICOMS)
+    finally:
+        late.close()
+    refs = {
+        sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID for sr in late.received
+    }  # fmt: skip
+    assert refs == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in DICOMS}
+
+
+def test_outbox_admin_refuses_bad_selections_and_is_501_without_an_outbox(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    keys = {"api_keys": "ops:ops-key-0123456789", "admin_key_ids": "ops"}
+    auth = {"authorization": "Bearer ops-key-0123456789"}
+    plain = client_factory(**keys)  # no PACS entry: no outbox
+    r = plain.get("/v1/admin/outbox", headers=auth)
+    assert r.status_code == 501 and r.json()["type"].endswith("/not-configured")
+    client = client_factory(
+        dimse_enabled=True, dimse_port=free_port(), dimse_host="127.0.0.1", dimse_allowed_aets=SCU_AET,
+        dimse_destination=f"{DEST_AET}@127.0.0.1:{free_port()}", **keys,
+    )  # fmt: skip
+    for body in ({}, {"ids": [1], "all": True}, {"ids": "1"}):
+        r = client.post("/v1/admin/outbox/retry", json=body, headers=auth)
+        assert r.status_code == 400 and r.json()["type"].endswith("/bad-request"), body
+    assert client.post("/v1/admin/outbox/drop", json={"ids": [12345]}, headers=auth).json() == {"count": 0}
+    assert client.get("/v1/admin/outbox/letters?state=lost", headers=auth).status_code == 400
+    assert client.get("/v1/admin/outbox").status_code == 401
+
+
+def test_a_3x3_instance_is_refused_as_cannot_understand_and_gets_no_sr(
+    node: tuple[TestClient, int, Path], sink: SrSink
+) -> None:
+    """LESIONSERVE_MIN_IMAGE_SIDE over C-STORE: the sender's object is refused (C000), so it keeps the image."""
+    _client, port, audit = node
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.full((3, 3, 3), 120, np.uint8))))
+    (status,) = send(port, [ds])
+    assert int(status.Status) == 0xC000
+    assert "3x3" in str(status.ErrorComment)
+    assert sink.received == []
+    (line,) = [x for x in audit_lines(audit) if "dimse_status" in x.get("channel", {})]
+    assert line["outcome"]["status"] == 422 and line["outcome"]["problem"].endswith("/image-too-small")

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from service.hospital.dicom import read_dicom
 from service.hospital.fhir import DICOM_UID_SYSTEM, diagnostic_report
 from service.schemas import ClassifyResponse
+from service.version import SERVICE_VERSION
 from tests.conftest import TEST_DATA
 from tests.service.conftest import FakeModel, jpeg_bytes
 
@@ -44,6 +45,7 @@ def make_answer(**overrides: Any) -> dict[str, Any]:
         "malignancy": {"score": 0.30, "threshold": 0.35, "above_threshold": False, "classes": ["mel", "bcc"]},
         "image": {"width": 1022, "height": 767, "format": "dicom"},
         "timing_ms": {"decode": 30.0, "queue": 1.0, "inference": 12.0, "total": 45.0},
+        "service_version": SERVICE_VERSION,
     }
     answer.update(overrides)
     return answer

@@ -60,3 +60,19 @@ def test_missing_model_path_is_refused() -> None:
 def test_unavailable_providers_are_refused(tiny_onnx: Path) -> None:
     proc = run_service({"LESIONSERVE_MODEL_PATH": str(tiny_onnx), "LESIONSERVE_PROVIDERS": "NoSuchExecutionProvider"})
     assert_one_line_refusal(proc, "NoSuchExecutionProvider")
+
+
+def test_outbox_needed_and_unusable_outbox_are_refused(tiny_onnx: Path, tmp_path: Path) -> None:
+    dimse = {
+        "LESIONSERVE_MODEL_PATH": str(tiny_onnx), "LESIONSERVE_PROVIDERS": "CPUExecutionProvider",
+        "LESIONSERVE_DIMSE_ENABLED": "true", "LESIONSERVE_DIMSE_ALLOWED_AETS": "PACS",
+        "LESIONSERVE_DIMSE_DESTINATION": "PACS@127.0.0.1:104", "LESIONSERVE_DIMSE_PORT": "1",
+    }  # fmt: skip
+    assert_one_line_refusal(run_service(dimse), "LESIONSERVE_OUTBOX_PATH", "the SR outbox")
+    missing = str(tmp_path / "no-such-folder" / "outbox.sqlite")
+    assert_one_line_refusal(run_service({**dimse, "LESIONSERVE_OUTBOX_PATH": missing}), "no-such-folder", "not exist")
+    junk = tmp_path / "outbox.sqlite"
+    junk.write_bytes(b"not a database" * 100)  # e.g. a file restored from the wrong backup
+    junk.chmod(0o600)
+    proc = run_service({**dimse, "LESIONSERVE_OUTBOX_PATH": str(junk)})
+    assert_one_line_refusal(proc, "outbox file", "cannot be opened")

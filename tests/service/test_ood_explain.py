@@ -221,3 +221,19 @@ def test_outputs_and_metadata_must_agree(tmp_path: Path, outputs: dict[str, bool
     path = make_tiny_onnx(tmp_path / "m.onnx", size=SIZE, metadata=metas[metadata], **outputs)
     with pytest.raises(ModelLoadError, match=message):
         OnnxModel.load(path, ["CPUExecutionProvider"])
+
+
+def test_explain_class_draws_the_map_of_the_class_asked_for(client_factory: Client, extras_onnx: Path) -> None:
+    """The page's heatmap selector: ``explain_class`` draws another class's map; an unknown class is a 400."""
+    client = client_factory(model_path=extras_onnx)
+    post = lambda query: client.post(  # noqa: E731
+        "/v1/classify" + query, content=lesion_png((0, 3)), headers={"content-type": "image/png"}
+    )
+    top = post("?explain=true").json()
+    other = top["predictions"][-1]["code"]
+    assert other != top["top"]["code"]
+    chosen = post(f"?explain_class={other}").json()  # implies explain=true
+    assert chosen["explanation"]["class"] == other and top["explanation"]["class"] == top["top"]["code"]
+    assert chosen["predictions"] == top["predictions"]  # the answer itself does not change
+    bad = post("?explain_class=not-a-class")
+    assert bad.status_code == 400 and bad.json()["type"].endswith("/bad-request")

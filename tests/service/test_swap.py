@@ -236,6 +236,7 @@ def test_audit_lines_name_the_model_that_answered(
     classify(client)
     client.__exit__(None, None, None)  # closes the audit trail
     lines = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+    lines = [x for x in lines if x["input"]["content_type"] != "application/json"]  # the reload call's own line
     assert [line["model"]["sha256"] for line in lines] == [sha(models_dir / "a.onnx"), sha(models_dir / "b.onnx")]
 
 
@@ -545,3 +546,83 @@ def test_a_check_run_waits_while_the_oldest_request_would_miss_its_deadline_behi
     relaxed = batcher.submit(np.zeros((32, 32, 3), np.uint8), time.monotonic() + 60)  # plenty of time left
     batcher._one_between()
     assert ran == ["check"] and check.done() and not relaxed.done()  # the check ran first
+
+
+# --- what a reload may not do without force, and paths that used to be 500s (issue 28, findings 8 and 13) ---
+def knows_the_canary(client: TestClient) -> None:
+    """The serving model's canary answers (run when it started) as the images' known diagnoses: a good model."""
+    client.app.state.runtime.served.canary_top = [checks.CANARY_LABELS[n] for n, _ in checks.canary_images()]  # type: ignore[attr-defined]
+
+
+def always_nevus(path: Path) -> Path:
+    """A model that answers "nevus 100%" whatever the image (zero weights, a large nevus bias)."""
+    src = model_v(path.with_suffix(".src.onnx"), "9.2.0", seed=7)
+
+    def edit(model: onnx.ModelProto) -> None:
+        for i, init in enumerate(model.graph.initializer):
+            if init.name == "w":
+                model.graph.initializer[i].CopyFrom(
+                    numpy_helper.from_array(np.zeros((3, len(HAM_CLASSES)), np.float32), "w")
+                )
+            if init.name == "b":
+                bias = np.zeros(len(HAM_CLASSES), np.float32)
+                bias[HAM_CLASSES.index("nv")] = 20.0
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(bias, "b"))
+
+    return _rewire(src, path, edit)
+
+
+def test_a_model_that_answers_nevus_for_everything_needs_force(
+    served_app: Callable[..., TestClient], models_dir: Path
+) -> None:
+    client = served_app()
+    knows_the_canary(client)
+    always_nevus(models_dir / "nevus.onnx")
+    before = served_sha(client)
+    r = client.post(RELOAD, json={"path": "nevus.onnx"}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["check"] == "canary"  # old code: 200, "4 of 4 changed"
+    assert "2 of 4 canary images right" in r.json()["detail"] and served_sha(client) == before
+    forced = client.post(RELOAD, json={"path": "nevus.onnx", "force": True}, headers=ADMIN)
+    assert forced.status_code == 200 and any("canary" in c for c in forced.json()["forced_changes"])
+
+
+def test_a_model_without_the_ood_output_needs_force(served_app: Callable[..., TestClient], models_dir: Path) -> None:
+    make_tiny_onnx(models_dir / "with-ood.onnx", seed=3, ood=True)
+    make_tiny_onnx(models_dir / "no-ood.onnx", seed=4)
+    client = served_app(model_path=models_dir / "with-ood.onnx")
+    r = client.post(RELOAD, json={"path": "no-ood.onnx"}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["check"] == "contract"  # old code: 200, the OOD check silently gone
+    assert "output 'ood_score' removed" in r.json()["detail"]
+
+
+def test_a_model_too_slow_for_the_request_timeout_needs_force(
+    served_app: Callable[..., TestClient], models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = served_app(request_timeout_s=0.4)
+    reloader = client.app.state.reloader  # type: ignore[attr-defined]
+    monkeypatch.setattr(reloader, "load", lambda path: FakeModel(delay_s=0.15))  # 0.15 s a run: over 0.4 / 4
+    (models_dir / "slow.onnx").write_bytes(b"stands for a slow model")
+    r = client.post(RELOAD, json={"path": "slow.onnx"}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["check"] == "warm_up"  # old code: 200, then 504s
+    assert "slowest check run took" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "path", ["a\x00.onnx", "x" * 5000 + ".onnx", "loop.onnx"], ids=["nul-byte", "too-long", "symlink-loop"]
+)
+def test_unusable_reload_paths_are_400_without_the_server_folder(
+    served_app: Callable[..., TestClient], models_dir: Path, path: str
+) -> None:
+    (models_dir / "loop.onnx").symlink_to(models_dir / "loop.onnx")
+    client = served_app()
+    r = client.post(RELOAD, json={"path": path}, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["type"].endswith("/model-path-refused")  # old code: 500
+    assert str(models_dir.resolve()) not in r.text
+
+
+def test_a_path_outside_the_folder_is_refused_without_naming_the_folder(
+    served_app: Callable[..., TestClient], models_dir: Path
+) -> None:
+    r = served_app().post(RELOAD, json={"path": "/etc/passwd.onnx"}, headers=ADMIN)
+    assert r.status_code == 400 and "outside the models folder" in r.json()["detail"]
+    assert str(models_dir.resolve()) not in r.text  # old code: the detail named it

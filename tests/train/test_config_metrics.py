@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from train.__main__ import build_parser
-from train.config import load_config
+from train.config import CHOICES, TrainConfig, load_config
 from train.metrics import compute_metrics, expected_calibration_error, fit_temperature, nll
 from train.preprocess import center_crop_resize
 
@@ -92,3 +92,15 @@ def test_preprocessing_identical_to_service() -> None:
     for h, w, s in [(450, 600, 224), (150, 200, 96), (301, 299, 64), (50, 50, 80)]:
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         assert np.array_equal(center_crop_resize(img, s), imaging.center_crop_resize(img, s))
+
+
+def test_help_lists_every_choice_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m train --help` names the allowed values of each fixed-set field and every default."""
+    help_text = " ".join(build_parser().format_help().split())  # argparse wraps lines anywhere
+    for name, choices in CHOICES.items():
+        assert "{" + ",".join(choices) + "}" in help_text.replace(" ", ""), name
+    defaults = TrainConfig()
+    for name in ("arch", "loss", "epochs", "img_size", "lr", "out"):
+        assert f"(default {getattr(defaults, name)!r})" in help_text, name
+    assert "(default True)" in help_text  # booleans too (--augment)
+    assert "square training size S" in help_text  # the field's own comment in train/config.py
