@@ -52,6 +52,29 @@ def model_v(path: Path, version: str, seed: int, classes: list[str] | None = Non
     )
 
 
+def canary_right(path: Path) -> int:
+    """How many bundled canary images the model at ``path`` gets right (what a reload compares)."""
+    model = OnnxModel.load(path, ["CPUExecutionProvider"])
+    size = model.metadata.input_size
+    tops = checks.canary(Target(model.run, (size, size, 3)), model.metadata.classes)
+    right = checks.canary_right(tops, model.metadata.classes)
+    assert right is not None
+    return right
+
+
+def model_no_worse(path: Path, version: str, than: Path, seeds: range) -> Path:
+    """A tiny model that gets at least as many canary images right as ``than``: a reload without force takes it.
+
+    Random tiny models get 0 to 4 of them right; one that gets fewer than the serving model is refused
+    (``checks.canary_right``), which is right for a real model and beside the point of a swap test.
+    """
+    floor = canary_right(than)
+    for seed in seeds:
+        if canary_right(model_v(path, version, seed)) >= floor:
+            return path
+    raise AssertionError(f"no seed in {seeds} gives a tiny model with {floor}+ canary images right")
+
+
 def _rewire(src: Path, dst: Path, edit: Callable[[onnx.ModelProto], None]) -> Path:
     model = onnx.load(src)
     edit(model)

@@ -30,6 +30,7 @@ from tests.service.test_swap import (
     RELOAD,
     USER_KEY,
     batch_of_one_only,
+    model_no_worse,
     model_v,
     replace_atomically,
     sha,
@@ -84,8 +85,9 @@ def serving(models: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[byt
 @pytest.mark.slow
 def test_swaps_under_concurrent_load_fail_no_request_and_answers_follow_the_new_file(tmp_path: Path) -> None:
     models = tmp_path / "models"
-    a, b = model_v(models / "a.onnx", "1.0.0", 1), model_v(models / "b.onnx", "2.0.0", 2)
-    c = model_v(tmp_path / "c.onnx", "3.0.0", 3)
+    a = model_v(models / "a.onnx", "1.0.0", 1)
+    b = model_no_worse(models / "b.onnx", "2.0.0", than=a, seeds=range(2, 40))
+    c = model_no_worse(tmp_path / "c.onnx", "3.0.0", than=b, seeds=range(40, 80))  # SIGHUP sends no force
     order = [sha(a), sha(b), sha(c)]
     log = tmp_path / "server.log"
     clients = [Client() for _ in range(CLIENTS)]
@@ -156,7 +158,7 @@ def test_the_swapped_out_session_is_freed_without_waiting_for_the_cyclic_garbage
     from service.config import Settings
 
     models = tmp_path / "models"
-    model_v(models / "a.onnx", "1.0.0", 1), model_v(models / "b.onnx", "2.0.0", 2)
+    model_no_worse(models / "b.onnx", "2.0.0", than=model_v(models / "a.onnx", "1.0.0", 1), seeds=range(2, 40))
     settings = Settings(
         model_path=models / "a.onnx", providers="CPUExecutionProvider", log_format="text", api_keys=KEYS,
         admin_key_ids="ops", audit_log="off",
