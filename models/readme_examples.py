@@ -1,7 +1,7 @@
-"""Regenerate the README's example answers (between ``<!-- examples:start/end -->``) from the bundled model.
+"""Regenerate docs/overview.md's example answers (between ``<!-- examples:start/end -->``) from the bundled model.
 
 ``.venv/bin/python models/readme_examples.py``: runs the real app in-process on ``models/reference.onnx``
-(CPU provider) and replaces, in order, the four JSON blocks of that README section: a JPEG answer,
+(CPU provider) and replaces, in order, the four JSON blocks of that section: a JPEG answer,
 a DICOM answer (ranked predictions left out), the FHIR DiagnosticReport, and a problem+json
 refusal. The sentence before the first block names the model from its own metadata.
 """
@@ -20,7 +20,7 @@ from service.app import create_app
 from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+README = REPO / "docs" / "overview.md"  # the README shows a shortened copy of the first answer
 MODEL = REPO / "models" / "reference.onnx"
 JPEG = REPO / "tests" / "data" / "isic" / "melanoma" / "ISIC_0000160.jpg"
 DICOM = REPO / "tests" / "data" / "dicom" / "ISIC_0000030_dermoscopic.dcm"
@@ -57,7 +57,7 @@ def main() -> int:
     parts = re.split(r"(```json\n.*?\n```)", section, flags=re.S)
     slots = [i for i, p in enumerate(parts) if p.startswith("```json")]
     if len(slots) != len(blocks):
-        print(f"expected {len(blocks)} JSON blocks in the README examples, found {len(slots)}", file=sys.stderr)
+        print(f"expected {len(blocks)} JSON blocks in the examples of {README.name}, found {len(slots)}", file=sys.stderr)
         return 1
     for i, block in zip(slots, blocks, strict=True):
         parts[i] = "```json\n" + json.dumps(block, indent=2) + "\n```"
@@ -72,7 +72,7 @@ def main() -> int:
         flags=re.S,
     )
     README.write_text(head + START + "".join(parts) + END + tail)
-    print(f"README examples regenerated from {info['name']} {info['version']}")
+    print(f"{README.name} examples regenerated from {info['name']} {info['version']}")
     return 0
 
 
