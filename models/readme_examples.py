@@ -57,7 +57,9 @@ def main() -> int:
     parts = re.split(r"(```json\n.*?\n```)", section, flags=re.S)
     slots = [i for i, p in enumerate(parts) if p.startswith("```json")]
     if len(slots) != len(blocks):
-        print(f"expected {len(blocks)} JSON blocks in the examples of {README.name}, found {len(slots)}", file=sys.stderr)
+        print(
+            f"expected {len(blocks)} JSON blocks in the examples of {README.name}, found {len(slots)}", file=sys.stderr
+        )
         return 1
     for i, block in zip(slots, blocks, strict=True):
         parts[i] = "```json\n" + json.dumps(block, indent=2) + "\n```"
